@@ -1,0 +1,1 @@
+"""Runtime and explanation engines. Nothing in here knows about HTTP."""

@@ -1,0 +1,184 @@
+"""Bytes -> checked, decoded RGB image -> model tensor.
+
+The header of every image is parsed by hand before any pixel is decoded, so a tiny file that
+claims enormous dimensions is refused without allocating them.
+"""
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from engines.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImage
+from schemas.model_config import InputSpec
+
+# OpenCV reads this once, at import; it is a second line of defence behind our header checks.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(64 * 1024 * 1024))
+import cv2  # noqa: E402
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# JPEG start-of-frame markers (baseline, progressive, lossless, ...) that carry dimensions.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    min_side: int = 8
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    format: ImageFormat
+    width: int
+    height: int
+
+
+def sniff_format(data: bytes) -> ImageFormat:
+    if data.startswith(_PNG_MAGIC):
+        return "png"
+    if data.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise UnsupportedImage("unsupported image format: expected PNG, JPEG or WebP")
+
+
+def read_header(data: bytes) -> ImageHeader:
+    """Format and dimensions from the header alone."""
+    fmt = sniff_format(data)
+    try:
+        if fmt == "png":
+            width, height = _png_size(data)
+        elif fmt == "jpeg":
+            width, height = _jpeg_size(data)
+        else:
+            width, height = _webp_size(data)
+    except (struct.error, IndexError) as exc:
+        raise InvalidImage(f"{fmt.upper()} header is truncated or corrupt") from exc
+    return ImageHeader(fmt, width, height)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    if data[12:16] != b"IHDR":
+        raise InvalidImage("PNG does not start with an IHDR chunk")
+    width, height = struct.unpack(">II", data[16:24])
+    return int(width), int(height)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    pos = 2
+    while True:
+        while data[pos] != 0xFF:
+            pos += 1
+        while data[pos] == 0xFF:
+            pos += 1
+        marker = data[pos]
+        pos += 1
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            continue
+        if marker in (0xD9, 0xDA):
+            raise InvalidImage("JPEG has no frame header before its image data")
+        (length,) = struct.unpack(">H", data[pos : pos + 2])
+        if marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", data[pos + 3 : pos + 7])
+            return int(width), int(height)
+        pos += length
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    chunk = data[12:16]
+    if chunk == b"VP8 ":
+        if data[23:26] != b"\x9d\x01\x2a":
+            raise InvalidImage("WebP VP8 frame tag is missing")
+        width, height = struct.unpack("<HH", data[26:30])
+        return int(width & 0x3FFF), int(height & 0x3FFF)
+    if chunk == b"VP8L":
+        if data[20] != 0x2F:
+            raise InvalidImage("WebP lossless signature is missing")
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return width, height
+    raise InvalidImage("WebP has an unknown first chunk")
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> np.ndarray:
+    """Checked decode to an RGB uint8 array of shape (H, W, 3).
+
+    Grayscale, RGBA (alpha dropped) and 16-bit images are converted to 8-bit RGB.
+    """
+    if not data:
+        raise InvalidImage("image is empty")
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    header = read_header(data)
+    if header.width < limits.min_side or header.height < limits.min_side:
+        raise ImageTooSmall(
+            f"image is {header.width}x{header.height}; both sides must be at least "
+            f"{limits.min_side} pixels"
+        )
+    if header.width * header.height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"image is {header.width}x{header.height} = {header.width * header.height} pixels; "
+            f"the limit is {limits.max_pixels}"
+        )
+    if header.format == "jpeg" and not _jpeg_is_complete(data):
+        raise InvalidImage("JPEG is truncated: no end-of-image marker")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise InvalidImage(f"{header.format.upper()} could not be decoded (truncated or corrupt)")
+    if bgr.shape[:2] != (header.height, header.width):
+        raise InvalidImage("decoded size does not match the size in the image header")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def _jpeg_is_complete(data: bytes) -> bool:
+    # libjpeg fills a truncated scan with grey and only warns; we refuse it instead.
+    return b"\xff\xd9" in data[-64:]
+
+
+def preprocess(images: list[np.ndarray], spec: InputSpec) -> np.ndarray:
+    """RGB uint8 images -> a float32 batch laid out as the model expects."""
+    batch = np.empty((len(images), spec.height, spec.width, 3), dtype=np.float32)
+    for i, image in enumerate(images):
+        batch[i] = fit_to_input(image, spec)
+    if spec.color == "BGR":
+        batch = batch[..., ::-1]
+    # mean and std are declared in the model's own channel order.
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    batch = (batch * np.float32(spec.scale) - mean) / std
+    if spec.layout == "NCHW":
+        batch = batch.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def fit_to_input(image: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Resize (or scale and centre-crop) an RGB image to the model's input size."""
+    height, width = image.shape[:2]
+    if spec.resize == "resize":
+        return _resize(image, spec.width, spec.height)
+    scale = max(spec.height / height, spec.width / width) / spec.crop_fraction
+    scaled_w = max(spec.width, round(width * scale))
+    scaled_h = max(spec.height, round(height * scale))
+    scaled = _resize(image, scaled_w, scaled_h)
+    top = (scaled_h - spec.height) // 2
+    left = (scaled_w - spec.width) // 2
+    return scaled[top : top + spec.height, left : left + spec.width]
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    shrinking = width < image.shape[1] or height < image.shape[0]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    resized: np.ndarray = cv2.resize(image, (width, height), interpolation=interpolation)
+    return resized

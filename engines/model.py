@@ -1,0 +1,129 @@
+"""A loaded model: its session, config, labels and layer list, with `forward` and `predict`."""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from pydantic import ValidationError
+
+from engines.errors import InvalidModel, InvalidParameters
+from engines.images import preprocess
+from engines.layers import LayerInfo, spatial_layers
+from engines.runtime import ModelSession, RuntimeOptions
+from schemas.model_config import ModelConfig
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    score: float
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    result: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
+    return result
+
+
+def read_config(folder: Path) -> ModelConfig:
+    path = folder / CONFIG_FILE
+    try:
+        return ModelConfig.model_validate_json(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise InvalidModel(f"{CONFIG_FILE} is missing") from exc
+    except ValidationError as exc:
+        raise InvalidModel(f"{CONFIG_FILE} is invalid: {exc.error_count()} error(s)") from exc
+
+
+def read_labels(folder: Path, config: ModelConfig) -> list[str]:
+    if config.labels_file is None:
+        return []
+    path = folder / config.labels_file
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidModel(f"labels file {config.labels_file} cannot be read") from exc
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class LoadedModel:
+    def __init__(self, name: str, folder: Path, options: RuntimeOptions) -> None:
+        self.name = name
+        self.config = read_config(folder)
+        self.labels = read_labels(folder, self.config)
+        model_path = folder / MODEL_FILE
+        self.sha256 = file_sha256(model_path)
+        try:
+            graph = onnx.load(str(model_path))
+        except Exception as exc:  # protobuf raises DecodeError and friends
+            raise InvalidModel(f"{MODEL_FILE} is not a valid ONNX file") from exc
+        self.layers: list[LayerInfo] = spatial_layers(graph, self.config.input)
+        self.session = ModelSession(model_path, options)
+        self.input_name = self.config.input.name or self.session.input_names[0]
+        self.output_name = self.config.output_name or self.session.output_names[0]
+        if self.input_name not in self.session.input_names:
+            raise InvalidModel(f"config names input {self.input_name!r}, the model has none")
+        if self.output_name not in self.session.output_names:
+            raise InvalidModel(f"config names output {self.output_name!r}, the model has none")
+
+    @property
+    def default_layer(self) -> str | None:
+        return self.layers[-1].name if self.layers else None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if 0 <= index < len(self.labels) else str(index)
+
+    def resolve_target(self, target: int | str) -> int:
+        """A class index from an index or a label name (case-insensitive)."""
+        if isinstance(target, int):
+            if self.labels and not 0 <= target < len(self.labels):
+                raise InvalidParameters(
+                    f"target {target} is out of range: the model has {len(self.labels)} classes"
+                )
+            return target
+        wanted = target.strip().lower()
+        for index, label in enumerate(self.labels):
+            if label.lower() == wanted:
+                return index
+        raise InvalidParameters(f"no class is labelled {target!r}")
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """The raw model output for a preprocessed batch, shape (N, classes)."""
+        (output,) = self.session.run({self.input_name: batch}, [self.output_name])
+        return output.reshape(output.shape[0], -1)
+
+    def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
+        scores = self.forward(preprocess(images, self.config.input))
+        return softmax(scores) if self.config.output == "logits" else scores
+
+    def predict(self, images: list[np.ndarray], top_k: int) -> list[list[Prediction]]:
+        probabilities = self.probabilities(images)
+        k = min(top_k, probabilities.shape[1])
+        results: list[list[Prediction]] = []
+        for row in probabilities:
+            top = np.argsort(-row, kind="stable")[:k]
+            results.append([Prediction(int(i), self.label(int(i)), float(row[i])) for i in top])
+        return results
+
+    def describe_input(self) -> dict[str, object]:
+        return json.loads(self.config.input.model_dump_json())  # type: ignore[no-any-return]

@@ -1,0 +1,76 @@
+"""One onnxruntime session per model, with the provider choice made once and reported."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from engines.errors import InferenceFailed, InvalidModel
+
+ProviderPreference = Literal["auto", "cpu", "cuda"]
+
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    providers: ProviderPreference = "auto"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+
+
+def choose_providers(preference: ProviderPreference) -> list[str]:
+    available = ort.get_available_providers()
+    if preference == "cpu":
+        return [_CPU]
+    if _CUDA in available:
+        return [_CUDA, _CPU]
+    if preference == "cuda":
+        raise InvalidModel("CUDA was required by the settings but onnxruntime offers no CUDA")
+    return [_CPU]
+
+
+class ModelSession:
+    """A thin wrapper over `ort.InferenceSession`: names, provider in use, and `run`."""
+
+    def __init__(self, model_path: Path, options: RuntimeOptions) -> None:
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = options.inter_op_threads
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(
+                str(model_path),
+                sess_options=session_options,
+                providers=choose_providers(options.providers),
+            )
+        except InvalidModel:
+            raise
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
+            raise InvalidModel(f"onnxruntime cannot load {model_path.name}: {exc}") from exc
+        if options.providers == "cuda" and self.provider != _CUDA:
+            raise InvalidModel("CUDA was required by the settings but the session fell back")
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    @property
+    def provider(self) -> str:
+        """The provider that actually runs the graph (onnxruntime may fall back to CPU)."""
+        return str(self._session.get_providers()[0])
+
+    @property
+    def input_shapes(self) -> dict[str, list[int | str | None]]:
+        return {i.name: list(i.shape) for i in self._session.get_inputs()}
+
+    def run(
+        self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None
+    ) -> list[np.ndarray]:
+        try:
+            outputs = self._session.run(output_names, feeds)
+        except Exception as exc:
+            raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
+        return [np.asarray(o) for o in outputs]

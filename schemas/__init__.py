@@ -1,0 +1,1 @@
+"""Pydantic models: model configs, request and response envelopes, heatmap payloads."""

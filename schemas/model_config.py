@@ -1,0 +1,54 @@
+"""The `config.json` that sits beside each `model.onnx` in the model repository."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class InputSpec(BaseModel):
+    """How a decoded RGB uint8 image becomes the model's input tensor.
+
+    tensor = (pixel * scale - mean) / std, per channel in the model's channel order.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        default=None, max_length=256, description="Input name; the model's first input if unset."
+    )
+    height: int = Field(ge=8, le=4096)
+    width: int = Field(ge=8, le=4096)
+    resize: Literal["resize", "center_crop"] = Field(
+        default="resize",
+        description="`resize` stretches to height x width; `center_crop` scales the shorter "
+        "side to size / crop_fraction and cuts the centre.",
+    )
+    crop_fraction: float = Field(default=0.875, gt=0.0, le=1.0)
+    color: Literal["RGB", "BGR"] = "RGB"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    scale: float = Field(default=1.0 / 255.0, gt=0.0, le=1.0)
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @model_validator(mode="after")
+    def _std_positive(self) -> "InputSpec":
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = Field(default="", max_length=1000)
+    input: InputSpec
+    output: Literal["logits", "probabilities"] = "logits"
+    output_name: str | None = Field(
+        default=None, max_length=256, description="Output name; the model's first output if unset."
+    )
+    labels_file: str | None = Field(
+        default="labels.txt",
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="One label per line, in class-index order, in the model's folder.",
+    )

@@ -1,0 +1,1 @@
+"""The HTTP service: app factory, routes, settings, errors, middleware and the CLI."""

@@ -1,0 +1,75 @@
+"""`create_app(settings, repository)`: the FastAPI application around a model repository."""
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+
+from engines.images import ImageLimits
+from engines.repository import ModelRepository
+from engines.runtime import RuntimeOptions
+from service.errors import install_error_handlers
+from service.middleware import BodyLimitMiddleware
+from service.routes import health, models
+from service.settings import Settings
+from service.state import ServiceState
+
+DESCRIPTION = """\
+Explains what an image-classification CNN looked at, for any ONNX model.
+
+Every error answers `{"error": {"code": "...", "message": "..."}}`.
+"""
+
+
+def build_repository(settings: Settings) -> ModelRepository:
+    return ModelRepository(
+        settings.model_repository,
+        RuntimeOptions(
+            providers=settings.providers,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+        ),
+    )
+
+
+def create_app(settings: Settings, repository: ModelRepository | None = None) -> FastAPI:
+    repo = repository if repository is not None else build_repository(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if not repo.loaded:
+            # Load in the background so /healthz answers and /readyz says 503 meanwhile.
+            threading.Thread(target=repo.load_all, name="model-loader", daemon=True).start()
+        yield
+
+    app = FastAPI(
+        title="onnx-explain",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.service = ServiceState(
+        settings=settings,
+        repository=repo,
+        image_limits=ImageLimits(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            min_side=settings.min_image_side,
+        ),
+        inference_limiter=anyio.CapacityLimiter(settings.inference_concurrency),
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """The factory uvicorn calls: settings from `ONNX_EXPLAIN_*` variables."""
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper())
+    return create_app(settings)

@@ -1,0 +1,108 @@
+import time
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Path, Request
+
+from engines.images import decode_image
+from engines.repository import ModelEntry, ModelState
+from schemas.errors import ErrorResponse
+from schemas.models import Layer, ModelInfo, ModelList, ModelSummary
+from schemas.predict import Prediction, PredictRequest, PredictResponse
+from service.inputs import read_image_request
+from service.state import State
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+ModelName = Annotated[str, Path(min_length=1, max_length=64, description="A model's name.")]
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorResponse} for status in (404, 413, 415, 422, 503)
+}
+
+IMAGE_REQUEST_BODY: dict[str, object] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": PredictRequest.model_json_schema(),
+                "example": {"image": "<base64 of a PNG/JPEG/WebP>", "top_k": 5},
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": 100},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _summary(entry: ModelEntry) -> ModelSummary:
+    return ModelSummary(
+        name=entry.name,
+        state=entry.state.value,
+        ready=entry.state is ModelState.READY,
+        reason=entry.reason,
+    )
+
+
+@router.get("", response_model=ModelList, summary="Every model in the repository.")
+async def list_models(state: State) -> ModelList:
+    return ModelList(models=[_summary(e) for e in state.repository.entries()])
+
+
+@router.get(
+    "/{name}", response_model=ModelInfo, responses=ERRORS, summary="One model's details."
+)
+async def model_info(name: ModelName, state: State) -> ModelInfo:
+    entry = state.repository.entry(name)
+    info = ModelInfo(**_summary(entry).model_dump())
+    model = entry.model
+    if model is None:
+        return info
+    return info.model_copy(
+        update={
+            "description": model.config.description,
+            "sha256": model.sha256,
+            "provider": model.session.provider,
+            "input": model.config.input,
+            "output": model.config.output,
+            "labels_count": model.num_classes,
+            "layers": [Layer(name=l.name, op_type=l.op_type, shape=list(l.shape)) for l in model.layers],
+            "default_layer": model.default_layer,
+        }
+    )
+
+
+@router.post(
+    "/{name}/predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    openapi_extra=IMAGE_REQUEST_BODY,
+    summary="Top-k classes for one image (JSON with base64 `image`, or multipart `image`).",
+)
+async def predict(name: ModelName, request: Request, state: State) -> PredictResponse:
+    started = time.perf_counter()
+    model = state.repository.get(name)
+    parsed, image_bytes = await read_image_request(request, PredictRequest)
+    image = await anyio.to_thread.run_sync(decode_image, image_bytes, state.image_limits)
+    decoded = time.perf_counter()
+    (predictions,) = await anyio.to_thread.run_sync(
+        model.predict, [image], parsed.top_k, limiter=state.inference_limiter
+    )
+    finished = time.perf_counter()
+    return PredictResponse(
+        model=name,
+        predictions=[Prediction(index=p.index, label=p.label, score=p.score) for p in predictions],
+        timings_ms={
+            "decode": round((decoded - started) * 1000, 3),
+            "inference": round((finished - decoded) * 1000, 3),
+            "total": round((finished - started) * 1000, 3),
+        },
+    )

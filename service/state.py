@@ -1,0 +1,27 @@
+"""What the routes need at run time, built once by `create_app` and kept on `app.state`."""
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import anyio
+from fastapi import Depends, Request
+
+from engines.images import ImageLimits
+from engines.repository import ModelRepository
+from service.settings import Settings
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    repository: ModelRepository
+    image_limits: ImageLimits
+    inference_limiter: anyio.CapacityLimiter
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+State = Annotated[ServiceState, Depends(get_state)]
