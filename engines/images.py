@@ -4,19 +4,15 @@ The header of every image is parsed by hand before any pixel is decoded, so a ti
 claims enormous dimensions is refused without allocating them.
 """
 
-import os
 import struct
 from dataclasses import dataclass
 from typing import Literal
 
+import cv2
 import numpy as np
 
 from engines.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImage
 from schemas.model_config import InputSpec
-
-# OpenCV reads this once, at import; it is a second line of defence behind our header checks.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(64 * 1024 * 1024))
-import cv2  # noqa: E402
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 

@@ -1,8 +1,7 @@
 """Maps at model resolution -> resized, normalised -> PNG bytes or a raw float32 buffer."""
 
+import cv2
 import numpy as np
-
-from engines.images import cv2
 
 
 def resize_map(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:

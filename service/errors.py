@@ -85,7 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_engine_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, engine_errors.EngineError)
         status = _engine_status(exc)
-        if status >= 500:
+        if status == 500:
             log.error("engine error %s: %s", exc.code, exc.message, exc_info=exc)
         return error_response(status, exc.code, exc.message)
 

@@ -55,9 +55,7 @@ async def read_image_request(
     )
 
 
-async def _read_json(
-    request: Request, schema: type[RequestModel]
-) -> tuple[RequestModel, bytes]:
+async def _read_json(request: Request, schema: type[RequestModel]) -> tuple[RequestModel, bytes]:
     body = await request.body()
     if not body.strip():
         raise InvalidRequest('request body is empty: send JSON like {"image": "<base64>"}')

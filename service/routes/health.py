@@ -27,5 +27,5 @@ async def readyz(state: State) -> JSONResponse:
         status_name, status_code = "loading", 503
     else:
         status_name, status_code = "unavailable", 503
-    body = Readiness(status=status_name, models=models)  # type: ignore[arg-type]
+    body = Readiness(status=status_name, models=models)
     return JSONResponse(status_code=status_code, content=body.model_dump())

@@ -57,9 +57,7 @@ async def list_models(state: State) -> ModelList:
     return ModelList(models=[_summary(e) for e in state.repository.entries()])
 
 
-@router.get(
-    "/{name}", response_model=ModelInfo, responses=ERRORS, summary="One model's details."
-)
+@router.get("/{name}", response_model=ModelInfo, responses=ERRORS, summary="One model's details.")
 async def model_info(name: ModelName, state: State) -> ModelInfo:
     entry = state.repository.entry(name)
     info = ModelInfo(**_summary(entry).model_dump())
@@ -74,7 +72,10 @@ async def model_info(name: ModelName, state: State) -> ModelInfo:
             "input": model.config.input,
             "output": model.config.output,
             "labels_count": model.num_classes,
-            "layers": [Layer(name=l.name, op_type=l.op_type, shape=list(l.shape)) for l in model.layers],
+            "layers": [
+                Layer(name=layer.name, op_type=layer.op_type, shape=list(layer.shape))
+                for layer in model.layers
+            ],
             "default_layer": model.default_layer,
         }
     )

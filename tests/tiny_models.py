@@ -1,0 +1,108 @@
+"""Tiny ONNX graphs built with onnx.helper, small enough to work their answers out by hand."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> None:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def channel_mean_model(path: Path, layout: str = "NCHW", size: int = 16) -> None:
+    """Output = the spatial mean of each input channel, shape (N, 3).
+
+    Whatever preprocessing did to a solid-colour image shows up verbatim in the output.
+    """
+    shape: list[str | int]
+    if layout == "NCHW":
+        shape, axes = ["N", 3, size, size], [2, 3]
+    else:
+        shape, axes = ["N", size, size, 3], [1, 2]
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x"], ["means"], axes=axes, keepdims=0),
+        ],
+        "channel_mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("means", TensorProto.FLOAT, ["N", 3])],
+    )
+    _save(graph, path)
+
+
+def small_cnn_model(path: Path, size: int = 16) -> None:
+    """Conv(3->4, 3x3, pad 1) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(4->3).
+
+    The Gemm weight is the identity on the first three channels, so class c's logit is the mean
+    of ReLU(conv channel c).
+    """
+    rng = np.random.default_rng(0)
+    conv_w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    conv_b = np.zeros(4, dtype=np.float32)
+    fc_w = np.eye(3, 4, dtype=np.float32)
+    fc_b = np.zeros(3, dtype=np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "small_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        initializer=[
+            numpy_helper.from_array(conv_w, "conv_w"),
+            numpy_helper.from_array(conv_b, "conv_b"),
+            numpy_helper.from_array(fc_w, "fc_w"),
+            numpy_helper.from_array(fc_b, "fc_b"),
+        ],
+    )
+    _save(graph, path)
+
+
+def write_model_folder(
+    folder: Path,
+    build: str = "small_cnn",
+    *,
+    layout: str = "NCHW",
+    color: str = "RGB",
+    scale: float = 1.0,
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    output: str = "logits",
+    size: int = 16,
+    labels: tuple[str, ...] = ("red", "green", "blue"),
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if build == "small_cnn":
+        small_cnn_model(folder / "model.onnx", size=size)
+    else:
+        channel_mean_model(folder / "model.onnx", layout=layout, size=size)
+    config = {
+        "description": f"tiny {build} test model",
+        "input": {
+            "height": size,
+            "width": size,
+            "color": color,
+            "layout": layout,
+            "scale": scale,
+            "mean": list(mean),
+            "std": list(std),
+        },
+        "output": output,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "labels.txt").write_text("\n".join(labels) + "\n")
+    return folder
