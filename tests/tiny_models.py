@@ -42,11 +42,15 @@ def channel_mean_model(path: Path, layout: str = "NCHW", size: int = 16) -> None
 def small_cnn_model(path: Path, size: int = 16) -> None:
     """Conv(3->4, 3x3, pad 1) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(4->3).
 
-    The Gemm weight is the identity on the first three channels, so class c's logit is the mean
-    of ReLU(conv channel c).
+    Conv channels 0-2 copy input channels 0-2 (a centre tap of 1) and channel 3 is random; the
+    Gemm weight is the identity on the first three channels, so class c's logit is the mean of
+    ReLU(input channel c): a solid red image is class 0, green 1, blue 2.
     """
     rng = np.random.default_rng(0)
-    conv_w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    conv_w = np.zeros((4, 3, 3, 3), dtype=np.float32)
+    for channel in range(3):
+        conv_w[channel, channel, 1, 1] = 1.0
+    conv_w[3] = rng.normal(size=(3, 3, 3))
     conv_b = np.zeros(4, dtype=np.float32)
     fc_w = np.eye(3, 4, dtype=np.float32)
     fc_b = np.zeros(3, dtype=np.float32)
