@@ -1,5 +1,8 @@
 """One onnxruntime session per model, with the provider choice made once and reported."""
 
+import contextlib
+import ctypes
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,14 +25,33 @@ class RuntimeOptions:
     inter_op_threads: int = 1
 
 
+@functools.cache
+def cuda_usable() -> bool:
+    """onnxruntime-gpu lists CUDA even on machines without a GPU; look for the driver too.
+
+    With a driver present, the CUDA and cuDNN libraries that pip installs (nvidia-* packages)
+    are preloaded, since they are not on the loader's default path.
+    """
+    if _CUDA not in ort.get_available_providers():
+        return False
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        with contextlib.suppress(Exception):
+            preload()
+    return True
+
+
 def choose_providers(preference: ProviderPreference) -> list[str]:
-    available = ort.get_available_providers()
     if preference == "cpu":
         return [_CPU]
-    if _CUDA in available:
+    if cuda_usable():
         return [_CUDA, _CPU]
     if preference == "cuda":
-        raise InvalidModel("CUDA was required by the settings but onnxruntime offers no CUDA")
+        raise InvalidModel("CUDA was required by the settings but no usable CUDA was found")
     return [_CPU]
 
 
