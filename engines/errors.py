@@ -56,3 +56,15 @@ class InferenceFailed(EngineError):
     """onnxruntime failed on an input we had accepted: our fault, not the caller's."""
 
     code = "inference_failed"
+
+
+class UnsupportedModel(EngineError):
+    """The request needs something this model cannot give (e.g. a non-differentiable op)."""
+
+    code = "unsupported_model"
+
+
+class TooMuchWork(EngineError):
+    """The request would cost more than the configured limits allow."""
+
+    code = "too_much_work"

@@ -51,6 +51,8 @@ ENGINE_ERROR_STATUS: dict[type[engine_errors.EngineError], int] = {
     engine_errors.ImageTooSmall: 422,
     engine_errors.ImageTooLarge: 413,
     engine_errors.InvalidParameters: 422,
+    engine_errors.UnsupportedModel: 422,
+    engine_errors.TooMuchWork: 422,
     engine_errors.InvalidModel: 500,
     engine_errors.InferenceFailed: 500,
 }
