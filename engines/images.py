@@ -159,6 +159,28 @@ def preprocess(images: list[np.ndarray], spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class Region:
+    """Where the model's input lies in the original image, in original pixels."""
+
+    top: float
+    left: float
+    height: float
+    width: float
+
+
+def input_region(height: int, width: int, spec: InputSpec) -> Region:
+    if spec.resize == "resize":
+        return Region(0.0, 0.0, float(height), float(width))
+    scale = max(spec.height / height, spec.width / width) / spec.crop_fraction
+    scaled_w = max(spec.width, round(width * scale))
+    scaled_h = max(spec.height, round(height * scale))
+    sy, sx = scaled_h / height, scaled_w / width
+    top = (scaled_h - spec.height) // 2
+    left = (scaled_w - spec.width) // 2
+    return Region(top / sy, left / sx, spec.height / sy, spec.width / sx)
+
+
 def fit_to_input(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Resize (or scale and centre-crop) an RGB image to the model's input size."""
     height, width = image.shape[:2]

@@ -1,7 +1,6 @@
 """A loaded model: its session, config, labels and layer list, with `forward` and `predict`."""
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import onnx
 from pydantic import ValidationError
 
 from engines.errors import InvalidModel, InvalidParameters
+from engines.gradients import GradientGraphs
 from engines.images import preprocess
 from engines.layers import LayerInfo, spatial_layers
 from engines.runtime import ModelSession, RuntimeOptions
@@ -63,7 +63,13 @@ def read_labels(folder: Path, config: ModelConfig) -> list[str]:
 
 
 class LoadedModel:
-    def __init__(self, name: str, folder: Path, options: RuntimeOptions) -> None:
+    def __init__(
+        self,
+        name: str,
+        folder: Path,
+        options: RuntimeOptions,
+        cache_dir: Path | None = None,
+    ) -> None:
         self.name = name
         self.config = read_config(folder)
         self.labels = read_labels(folder, self.config)
@@ -81,6 +87,15 @@ class LoadedModel:
             raise InvalidModel(f"config names input {self.input_name!r}, the model has none")
         if self.output_name not in self.session.output_names:
             raise InvalidModel(f"config names output {self.output_name!r}, the model has none")
+        self.gradients = GradientGraphs(
+            model_path=model_path,
+            model_sha256=self.sha256,
+            output=self.output_name,
+            num_classes=self.num_classes,
+            layers={layer.name for layer in self.layers},
+            cache_dir=cache_dir,
+            options=options,
+        )
 
     @property
     def default_layer(self) -> str | None:
@@ -89,6 +104,14 @@ class LoadedModel:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def channel_axis(self) -> int:
+        """Channel axis of batched input tensors and feature maps."""
+        return 1 if self.config.input.layout == "NCHW" else 3
+
+    def to_probabilities(self, outputs: np.ndarray) -> np.ndarray:
+        return softmax(outputs) if self.config.output == "logits" else outputs
 
     def label(self, index: int) -> str:
         return self.labels[index] if 0 <= index < len(self.labels) else str(index)
@@ -113,17 +136,11 @@ class LoadedModel:
         return output.reshape(output.shape[0], -1)
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
-        scores = self.forward(preprocess(images, self.config.input))
-        return softmax(scores) if self.config.output == "logits" else scores
+        return self.to_probabilities(self.forward(preprocess(images, self.config.input)))
 
     def predict(self, images: list[np.ndarray], top_k: int) -> list[list[Prediction]]:
-        probabilities = self.probabilities(images)
-        k = min(top_k, probabilities.shape[1])
-        results: list[list[Prediction]] = []
-        for row in probabilities:
-            top = np.argsort(-row, kind="stable")[:k]
-            results.append([Prediction(int(i), self.label(int(i)), float(row[i])) for i in top])
-        return results
+        return [self.top_predictions(row, top_k) for row in self.probabilities(images)]
 
-    def describe_input(self) -> dict[str, object]:
-        return json.loads(self.config.input.model_dump_json())  # type: ignore[no-any-return]
+    def top_predictions(self, probabilities: np.ndarray, top_k: int) -> list[Prediction]:
+        top = np.argsort(-probabilities, kind="stable")[: min(top_k, probabilities.shape[0])]
+        return [Prediction(int(i), self.label(int(i)), float(probabilities[i])) for i in top]

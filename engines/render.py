@@ -3,6 +3,8 @@
 import cv2
 import numpy as np
 
+from engines.images import Region
+
 
 def resize_map(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
     if heatmap.shape == (height, width):
@@ -11,6 +13,21 @@ def resize_map(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
         heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR
     )
     return resized
+
+
+def to_image_geometry(heatmap: np.ndarray, region: Region, height: int, width: int) -> np.ndarray:
+    """A map over the model's input, placed where that input lies in the original image.
+
+    With a centre crop the map covers only the crop; outside it the map is 0 (no evidence).
+    """
+    canvas = np.zeros((height, width), dtype=np.float32)
+    top, left = round(region.top), round(region.left)
+    bottom = min(height, round(region.top + region.height))
+    right = min(width, round(region.left + region.width))
+    if bottom <= top or right <= left:
+        return canvas
+    canvas[top:bottom, left:right] = resize_map(heatmap, bottom - top, right - left)
+    return canvas
 
 
 def minmax(heatmap: np.ndarray) -> np.ndarray:

@@ -36,9 +36,10 @@ class ModelEntry:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, options: RuntimeOptions) -> None:
+    def __init__(self, root: Path, options: RuntimeOptions, cache_dir: Path | None = None) -> None:
         self.root = root
         self.options = options
+        self.cache_dir = cache_dir
         self._entries: dict[str, ModelEntry] = {}
         self._loaded = threading.Event()
         self.discover()
@@ -61,7 +62,8 @@ class ModelRepository:
 
     def _load(self, entry: ModelEntry) -> None:
         try:
-            entry.model = LoadedModel(entry.name, entry.folder, self.options)
+            cache = self.cache_dir / entry.name if self.cache_dir is not None else None
+            entry.model = LoadedModel(entry.name, entry.folder, self.options, cache)
         except EngineError as exc:
             entry.state, entry.reason = ModelState.FAILED, exc.message
             log.warning("model %s failed to load: %s", entry.name, exc.message)

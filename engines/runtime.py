@@ -58,7 +58,7 @@ def choose_providers(preference: ProviderPreference) -> list[str]:
 class ModelSession:
     """A thin wrapper over `ort.InferenceSession`: names, provider in use, and `run`."""
 
-    def __init__(self, model_path: Path, options: RuntimeOptions) -> None:
+    def __init__(self, model: Path | bytes, options: RuntimeOptions) -> None:
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
@@ -66,14 +66,15 @@ class ModelSession:
         session_options.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(
-                str(model_path),
+                str(model) if isinstance(model, Path) else model,
                 sess_options=session_options,
                 providers=choose_providers(options.providers),
             )
         except InvalidModel:
             raise
         except Exception as exc:  # onnxruntime raises several unrelated exception types
-            raise InvalidModel(f"onnxruntime cannot load {model_path.name}: {exc}") from exc
+            name = model.name if isinstance(model, Path) else "the graph"
+            raise InvalidModel(f"onnxruntime cannot load {name}: {exc}") from exc
         if options.providers == "cuda" and self.provider != _CUDA:
             raise InvalidModel("CUDA was required by the settings but the session fell back")
         self.input_names = [i.name for i in self._session.get_inputs()]

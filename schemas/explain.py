@@ -11,7 +11,6 @@ from schemas.heatmap import Heatmap
 from schemas.predict import IMAGE_FIELD_DESCRIPTION, MAX_IMAGE_BASE64_CHARS, Prediction
 
 ExplainMethod = Literal[
-    "occlusion",
     "gradcam",
     "gradcam++",
     "xgradcam",
@@ -23,7 +22,6 @@ ExplainMethod = Literal[
     "smoothgrad",
     "integrated_gradients",
     "gradient_x_input",
-    "cam",
 ]
 
 MAX_TARGETS = 20

@@ -13,7 +13,7 @@ from engines.repository import ModelRepository
 from engines.runtime import RuntimeOptions
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware
-from service.routes import health, models
+from service.routes import explain, health, models
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -32,6 +32,7 @@ def build_repository(settings: Settings) -> ModelRepository:
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
         ),
+        cache_dir=settings.cache_dir,
     )
 
 
@@ -65,6 +66,7 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(models.router)
+    app.include_router(explain.router)
     return app
 
 

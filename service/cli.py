@@ -44,6 +44,40 @@ def _models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from engines.errors import EngineError
+    from engines.gradients import GraphKey
+    from engines.model import LoadedModel
+    from engines.repository import MODEL_NAME_PATTERN
+    from engines.runtime import RuntimeOptions
+
+    settings = Settings()
+    repository = Path(args.repository) if args.repository else settings.model_repository
+    if not MODEL_NAME_PATTERN.fullmatch(args.model) or not (repository / args.model).is_dir():
+        print(f"error: no model {args.model!r} in {repository}", file=sys.stderr)
+        return 2
+    try:
+        model = LoadedModel(args.model, repository / args.model, RuntimeOptions(providers="cpu"))
+        layers = args.layer or ([model.default_layer] if model.default_layer else [])
+        keys = [
+            GraphKey(layer, wrt_input=False, guided=False, top_k_seeds=top_k)
+            for layer in layers
+            for top_k in (False, True)
+        ]
+        keys += [
+            GraphKey(None, wrt_input=True, guided=guided, top_k_seeds=top_k)
+            for guided in (False, True)
+            for top_k in (False, True)
+        ]
+        for key in keys:
+            path = model.gradients.prepare(key, model.gradients.prepared_dir)
+            print(path)
+    except EngineError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnx-explain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default: ONNX_EXPLAIN_PORT or 8000)")
     serve.add_argument("--workers", type=int, help="uvicorn worker processes")
     serve.set_defaults(handler=_serve)
+
+    prepare = commands.add_parser(
+        "prepare", help="build a model's gradient graphs into its own folder, ahead of time"
+    )
+    prepare.add_argument("model", help="a model folder name in the repository")
+    prepare.add_argument(
+        "--layer", action="append", help="CAM layer (repeatable; default: the model's default)"
+    )
+    prepare.add_argument(
+        "--repository", help="model folder (default: ONNX_EXPLAIN_MODEL_REPOSITORY)"
+    )
+    prepare.set_defaults(handler=_prepare)
 
     models = commands.add_parser("models", help="models that can be built into the repository")
     model_commands = models.add_subparsers(dest="models_command", required=True)

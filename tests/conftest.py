@@ -37,8 +37,14 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_client(root: Path, **overrides: Any) -> TestClient:
-    settings = Settings(model_repository=root, providers="cpu", intra_op_threads=2, **overrides)
-    repository = ModelRepository(root, CPU)
+    settings = Settings(
+        model_repository=root,
+        cache_dir=root / ".cache",
+        providers="cpu",
+        intra_op_threads=2,
+        **overrides,
+    )
+    repository = ModelRepository(root, CPU, cache_dir=settings.cache_dir)
     repository.load_all()
     return TestClient(create_app(settings, repository))
 

@@ -1,0 +1,113 @@
+"""Class activation maps from a layer's activations A and the target's gradients G there.
+
+Each variant overrides `combine(A, G) -> (h, w)`; the pipeline runs the gradient graph once for
+all targets, rectifies and upsamples to the model's input size.
+"""
+
+from typing import ClassVar
+
+import cv2
+import numpy as np
+
+from engines.errors import UnsupportedModel
+from engines.explain import Explained, Explainer, TargetMap, seeds_for, spatial_size
+from engines.gradients import GradientResult, GraphKey
+from engines.model import LoadedModel
+from schemas.params import CamParams
+
+EPSILON = 1e-7
+
+
+def channels_first(tensor: np.ndarray, channel_axis: int) -> np.ndarray:
+    """(batch, ...) feature maps with channels on axis 1, whatever the model's layout."""
+    return tensor if channel_axis == 1 else np.moveaxis(tensor, -1, 1)
+
+
+def layer_gradients(
+    model: LoadedModel, tensor: np.ndarray, targets: list[int] | None, top_k: int, layer: str
+) -> GradientResult:
+    key = GraphKey(layer=layer, wrt_input=False, guided=False, top_k_seeds=targets is None)
+    seeds = None if targets is None else seeds_for(targets, model.num_classes)
+    return model.gradients.run(key, model.input_name, tensor, seeds=seeds, top_k=top_k)
+
+
+def resolve_layer(model: LoadedModel, params: CamParams) -> str:
+    layer = params.layer or model.default_layer
+    if layer is None:
+        raise UnsupportedModel("the model has no 4-D spatial layer to compute a CAM on")
+    return layer
+
+
+class CamExplainer(Explainer):
+    params_model: ClassVar[type[CamParams]] = CamParams
+
+    def explain(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: CamParams,
+    ) -> Explained:
+        layer = resolve_layer(model, params)
+        result = layer_gradients(model, tensor, targets, top_k, layer)
+        assert result.activation is not None
+        assert result.grad_layer is not None
+        activations = channels_first(result.activation, model.channel_axis)[0]
+        gradients = channels_first(result.grad_layer, model.channel_axis)
+        height, width = spatial_size(model)
+        maps = []
+        for target, grad in zip(result.targets.tolist(), gradients, strict=True):
+            cam = np.maximum(self.combine(activations.astype(np.float64), grad), 0.0)
+            upsampled = cv2.resize(
+                cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR
+            )
+            maps.append(TargetMap(int(target), upsampled))
+        return Explained(model.to_probabilities(result.outputs)[0], maps)
+
+    def combine(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        """(C, h, w) activations and gradients -> (h, w) map before the final ReLU."""
+        weights = self.channel_weights(activations, gradients)
+        combined: np.ndarray = np.tensordot(weights, activations, axes=1)
+        return combined
+
+    def channel_weights(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class GradCam(CamExplainer):
+    def channel_weights(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        weights: np.ndarray = gradients.mean(axis=(1, 2))
+        return weights
+
+
+class GradCamPlusPlus(CamExplainer):
+    """Second- and third-order terms of exp(score), as in Chattopadhay et al. 2018."""
+
+    def channel_weights(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        grads2 = gradients**2
+        grads3 = grads2 * gradients
+        activation_sums = activations.sum(axis=(1, 2))[:, None, None]
+        denominator = 2 * grads2 + activation_sums * grads3
+        alphas = np.where(gradients != 0, grads2 / (denominator + EPSILON), 0.0)
+        weights: np.ndarray = (alphas * np.maximum(gradients, 0)).sum(axis=(1, 2))
+        return weights
+
+
+class XGradCam(CamExplainer):
+    def channel_weights(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        sums = activations.sum(axis=(1, 2))
+        weights: np.ndarray = (gradients * activations).sum(axis=(1, 2)) / (sums + EPSILON)
+        return weights
+
+
+class LayerCam(CamExplainer):
+    def combine(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        combined: np.ndarray = (np.maximum(gradients, 0) * activations).sum(axis=0)
+        return combined
+
+
+class HiResCam(CamExplainer):
+    def combine(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        combined: np.ndarray = (gradients * activations).sum(axis=0)
+        return combined

@@ -1,0 +1,53 @@
+"""The shared explanation pipeline: tensor in, one map per target out, at model resolution.
+
+Each method family subclasses `Explainer` and overrides one hook; the registry maps method
+names to instances.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel
+
+from engines.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class TargetMap:
+    target: int
+    heatmap: np.ndarray
+    """(H, W) at the model's input resolution."""
+
+
+@dataclass(frozen=True)
+class Explained:
+    probabilities: np.ndarray
+    """The model's class probabilities for the clean image, (classes,)."""
+    maps: list[TargetMap]
+
+
+class Explainer(ABC):
+    params_model: ClassVar[type[BaseModel]]
+
+    @abstractmethod
+    def explain(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: Any,
+    ) -> Explained:
+        """`tensor` is one preprocessed image (batch of 1); `targets` None means the top-k."""
+
+
+def seeds_for(targets: list[int], num_classes: int) -> np.ndarray:
+    seeds = np.zeros((len(targets), num_classes), dtype=np.float32)
+    seeds[np.arange(len(targets)), targets] = 1.0
+    return seeds
+
+
+def spatial_size(model: LoadedModel) -> tuple[int, int]:
+    return model.config.input.height, model.config.input.width

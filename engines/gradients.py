@@ -1,0 +1,225 @@
+"""Prepared gradient graphs of a model: built once, stored on disk, run through onnxruntime.
+
+A prepared graph is keyed by the model's hash, the layer and the variant. `onnx-explain prepare`
+writes them into the model's own folder (what a deployment ships); otherwise they are built on
+first use into the cache folder, since deployments mount model folders read-only.
+"""
+
+import hashlib
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from engines.errors import InvalidParameters
+from engines.graphs import GradientSpec, build_gradient_model
+from engines.runtime import ModelSession, RuntimeOptions
+
+PREPARED_FOLDER = "gradients"
+SEED_INPUT = "seed"
+TOP_K_INPUT = "top_k"
+TARGETS_OUTPUT = "targets"
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    layer: str | None
+    wrt_input: bool
+    guided: bool
+    top_k_seeds: bool
+    """Seeds are the one-hot top-k classes of the model's own output, chosen inside the graph,
+    so a request without explicit targets still costs a single run."""
+
+    def file_name(self, model_sha256: str) -> str:
+        parts = [model_sha256[:16]]
+        if self.layer is not None:
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.layer)[:48]
+            digest = hashlib.sha256(self.layer.encode()).hexdigest()[:8]
+            parts.append(f"layer-{slug}-{digest}")
+        if self.wrt_input:
+            parts.append("input")
+        if self.guided:
+            parts.append("guided")
+        parts.append("topk" if self.top_k_seeds else "seeded")
+        return "-".join(parts) + ".onnx"
+
+
+@dataclass(frozen=True)
+class GradientResult:
+    outputs: np.ndarray
+    """The model output for each input row, (N, classes)."""
+    targets: np.ndarray
+    """The class seeded in each gradient row, (M,)."""
+    activation: np.ndarray | None
+    grad_layer: np.ndarray | None
+    grad_input: np.ndarray | None
+
+
+def add_top_k_seeds(model: onnx.ModelProto, output: str, num_classes: int) -> onnx.ModelProto:
+    """Replace the `seed` input by one-hot rows of the top-k classes of `output` (batch 1).
+
+    Adds an int64 input `top_k` of shape [1] and an output `targets` [k].
+    """
+    graph = model.graph
+    kept_inputs = [i for i in graph.input if i.name != SEED_INPUT]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    graph.input.append(helper.make_tensor_value_info(TOP_K_INPUT, TensorProto.INT64, [1]))
+    prefix = "topk_seed/"
+    graph.initializer.extend(
+        [
+            helper.make_tensor(prefix + "depth", TensorProto.INT64, [1], [num_classes]),
+            helper.make_tensor(prefix + "values", TensorProto.FLOAT, [2], [0.0, 1.0]),
+            helper.make_tensor(prefix + "axis0", TensorProto.INT64, [1], [0]),
+        ]
+    )
+    nodes = [
+        helper.make_node(
+            "TopK", [output, TOP_K_INPUT], [prefix + "scores", prefix + "indices"], axis=-1
+        ),
+        helper.make_node("Squeeze", [prefix + "indices", prefix + "axis0"], [TARGETS_OUTPUT]),
+        helper.make_node(
+            "OneHot", [TARGETS_OUTPUT, prefix + "depth", prefix + "values"], [SEED_INPUT], axis=-1
+        ),
+    ]
+    # Seeds must exist before the backward nodes that read them: put them first in the order
+    # after the forward nodes by inserting right after the node producing `output`.
+    producer = next(i for i, n in enumerate(graph.node) if output in n.output)
+    reordered = [*graph.node[: producer + 1], *nodes, *graph.node[producer + 1 :]]
+    del graph.node[:]
+    graph.node.extend(reordered)
+    graph.output.append(helper.make_tensor_value_info(TARGETS_OUTPUT, TensorProto.INT64, ["k"]))
+    return model
+
+
+def write_atomically(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
+    os.close(handle)
+    try:
+        onnx.save(model, temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class GradientGraphs:
+    """The gradient sessions of one model, built or loaded on first use and then kept."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        model_sha256: str,
+        output: str,
+        num_classes: int,
+        layers: set[str],
+        cache_dir: Path | None,
+        options: RuntimeOptions,
+    ) -> None:
+        self.model_path = model_path
+        self.model_sha256 = model_sha256
+        self.output = output
+        self.num_classes = num_classes
+        self.layers = layers
+        self.cache_dir = cache_dir
+        self.options = options
+        self._sessions: dict[GraphKey, ModelSession] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.model_path.parent / PREPARED_FOLDER
+
+    def check_layer(self, layer: str) -> None:
+        if layer not in self.layers:
+            raise InvalidParameters(
+                f"unknown layer {layer!r}: use one of the layers GET /v1/models/{{name}} lists"
+            )
+
+    def build(self, key: GraphKey) -> onnx.ModelProto:
+        forward = onnx.load(str(self.model_path))
+        spec = GradientSpec(
+            output=self.output, layer=key.layer, wrt_input=key.wrt_input, guided=key.guided
+        )
+        gradient_model = build_gradient_model(forward, spec)
+        if key.top_k_seeds:
+            gradient_model = add_top_k_seeds(gradient_model, self.output, self.num_classes)
+        return gradient_model
+
+    def prepare(self, key: GraphKey, folder: Path) -> Path:
+        """Build the graph for `key` into `folder` (used by `onnx-explain prepare`)."""
+        path = folder / key.file_name(self.model_sha256)
+        write_atomically(self.build(key), path)
+        return path
+
+    def _locate_or_build(self, key: GraphKey) -> Path | bytes:
+        """A prepared file, a cached file, or (with no cache folder) the graph in memory."""
+        name = key.file_name(self.model_sha256)
+        prepared = self.prepared_dir / name
+        if prepared.is_file():
+            return prepared
+        if self.cache_dir is None:
+            serialized: bytes = self.build(key).SerializeToString()
+            return serialized
+        cached = self.cache_dir / name
+        if not cached.is_file():
+            write_atomically(self.build(key), cached)
+        return cached
+
+    def session(self, key: GraphKey) -> ModelSession:
+        if key.layer is not None:
+            self.check_layer(key.layer)
+        with self._lock:
+            found = self._sessions.get(key)
+            if found is None:
+                found = ModelSession(self._locate_or_build(key), self.options)
+                self._sessions[key] = found
+            return found
+
+    def run(
+        self,
+        key: GraphKey,
+        input_name: str,
+        batch: np.ndarray,
+        *,
+        seeds: np.ndarray | None = None,
+        top_k: int | None = None,
+    ) -> GradientResult:
+        session = self.session(key)
+        feeds: dict[str, np.ndarray] = {input_name: batch}
+        if key.top_k_seeds:
+            if top_k is None or batch.shape[0] != 1:
+                raise ValueError("top-k seeding needs top_k and a batch of one image")
+            feeds[TOP_K_INPUT] = np.array([top_k], dtype=np.int64)
+        else:
+            if seeds is None:
+                raise ValueError("seeded gradient graphs need seeds")
+            feeds[SEED_INPUT] = seeds.astype(np.float32, copy=False)
+        names = [self.output]
+        if key.layer is not None:
+            names += ["activation", "grad_layer"]
+        if key.wrt_input:
+            names.append("grad_input")
+        if key.top_k_seeds:
+            names.append(TARGETS_OUTPUT)
+        values = dict(zip(names, session.run(feeds, names), strict=True))
+        if key.top_k_seeds:
+            targets = values[TARGETS_OUTPUT].astype(np.int64).reshape(-1)
+        else:
+            assert seeds is not None
+            targets = seeds.argmax(axis=1)
+        return GradientResult(
+            outputs=values[self.output].reshape(batch.shape[0], -1),
+            targets=targets,
+            activation=values.get("activation"),
+            grad_layer=values.get("grad_layer"),
+            grad_input=values.get("grad_input"),
+        )

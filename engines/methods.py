@@ -1,0 +1,26 @@
+"""The explanation methods the service offers, by the names requests use."""
+
+from engines.cam import GradCam, GradCamPlusPlus, HiResCam, LayerCam, XGradCam
+from engines.explain import Explainer
+from engines.saliency import (
+    GradientTimesInput,
+    GuidedBackprop,
+    GuidedGradCam,
+    IntegratedGradients,
+    Saliency,
+    SmoothGrad,
+)
+
+EXPLAINERS: dict[str, Explainer] = {
+    "gradcam": GradCam(),
+    "gradcam++": GradCamPlusPlus(),
+    "xgradcam": XGradCam(),
+    "layercam": LayerCam(),
+    "hirescam": HiResCam(),
+    "guided_gradcam": GuidedGradCam(),
+    "saliency": Saliency(),
+    "guided_backprop": GuidedBackprop(),
+    "smoothgrad": SmoothGrad(),
+    "integrated_gradients": IntegratedGradients(),
+    "gradient_x_input": GradientTimesInput(),
+}

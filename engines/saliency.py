@@ -1,0 +1,216 @@
+"""Maps from the gradient of the class score with respect to the input pixels.
+
+Each method overrides `attribute`, which returns per-target attributions shaped like the input
+tensor; the pipeline reduces the channels and returns one map per target.
+"""
+
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+from pydantic import BaseModel
+
+from engines.cam import GradCam, channels_first
+from engines.explain import Explained, Explainer, TargetMap, seeds_for
+from engines.gradients import GraphKey
+from engines.images import preprocess
+from engines.model import LoadedModel
+from schemas.params import (
+    GradientTimesInputParams,
+    GuidedGradCamParams,
+    IntegratedGradientsParams,
+    Reduction,
+    SaliencyParams,
+    SmoothGradParams,
+)
+
+# Rows per onnxruntime run when a method pushes many perturbed copies through the model.
+CHUNK_ROWS = 16
+
+
+def reduce_channels(attribution: np.ndarray, reduction: Reduction) -> np.ndarray:
+    """(C, H, W) -> (H, W)."""
+    if reduction == "abs_max":
+        result: np.ndarray = np.abs(attribution).max(axis=0)
+    elif reduction == "max":
+        result = attribution.max(axis=0)
+    elif reduction == "sum":
+        result = attribution.sum(axis=0)
+    else:
+        result = np.abs(attribution).sum(axis=0)
+    return result.astype(np.float32)
+
+
+class InputGradientExplainer(Explainer):
+    params_model: ClassVar[type[BaseModel]] = SaliencyParams
+    guided: ClassVar[bool] = False
+
+    def explain(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: Any,
+    ) -> Explained:
+        probabilities, chosen, attributions = self.attribute(model, tensor, targets, top_k, params)
+        maps = [
+            TargetMap(target, reduce_channels(a, params.reduction))
+            for target, a in zip(chosen, attributions, strict=True)
+        ]
+        return Explained(probabilities, maps)
+
+    def attribute(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: Any,
+    ) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+        """Probabilities, the targets, and one (C, H, W) attribution per target."""
+        key = GraphKey(layer=None, wrt_input=True, guided=self.guided, top_k_seeds=targets is None)
+        seeds = None if targets is None else seeds_for(targets, model.num_classes)
+        result = model.gradients.run(key, model.input_name, tensor, seeds=seeds, top_k=top_k)
+        assert result.grad_input is not None
+        grads = channels_first(result.grad_input, model.channel_axis)
+        probabilities = model.to_probabilities(result.outputs)[0]
+        return probabilities, result.targets.tolist(), list(grads)
+
+
+class Saliency(InputGradientExplainer):
+    pass
+
+
+class GuidedBackprop(InputGradientExplainer):
+    guided = True
+
+
+class GradientTimesInput(InputGradientExplainer):
+    params_model = GradientTimesInputParams
+
+    def attribute(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: Any,
+    ) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+        probabilities, chosen, grads = super().attribute(model, tensor, targets, top_k, params)
+        image = channels_first(tensor, model.channel_axis)[0]
+        return probabilities, chosen, [g * image for g in grads]
+
+
+def mean_input_gradient(model: LoadedModel, rows: np.ndarray, target: int) -> np.ndarray:
+    """The gradient of `target` at each row of `rows`, averaged, channels first (C, H, W)."""
+    key = GraphKey(layer=None, wrt_input=True, guided=False, top_k_seeds=False)
+    total: np.ndarray | None = None
+    for start in range(0, rows.shape[0], CHUNK_ROWS):
+        chunk = rows[start : start + CHUNK_ROWS]
+        seeds = seeds_for([target] * chunk.shape[0], model.num_classes)
+        run = model.gradients.run(key, model.input_name, chunk, seeds=seeds)
+        assert run.grad_input is not None
+        chunk_sum = run.grad_input.astype(np.float64).sum(axis=0)
+        total = chunk_sum if total is None else total + chunk_sum
+    assert total is not None
+    mean = total / rows.shape[0]
+    averaged: np.ndarray = channels_first(mean[None], model.channel_axis)[0]
+    return averaged
+
+
+def clean_targets(
+    model: LoadedModel, tensor: np.ndarray, targets: list[int] | None, top_k: int
+) -> tuple[np.ndarray, list[int]]:
+    probabilities = model.to_probabilities(model.forward(tensor))[0]
+    if targets is None:
+        targets = [p.index for p in model.top_predictions(probabilities, top_k)]
+    return probabilities, targets
+
+
+class SmoothGrad(InputGradientExplainer):
+    params_model = SmoothGradParams
+
+    def attribute(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: Any,
+    ) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+        probabilities, chosen = clean_targets(model, tensor, targets, top_k)
+        rng = np.random.default_rng(params.seed)
+        sigma = params.noise * float(tensor.max() - tensor.min())
+        noise = rng.normal(0.0, sigma, size=(params.samples, *tensor.shape[1:]))
+        rows = (tensor + noise).astype(np.float32)
+        grads = [mean_input_gradient(model, rows, target) for target in chosen]
+        return probabilities, chosen, grads
+
+
+class IntegratedGradients(InputGradientExplainer):
+    """Midpoint Riemann sum of the gradient along the straight path from a baseline."""
+
+    params_model = IntegratedGradientsParams
+
+    def attribute(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: Any,
+    ) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+        probabilities, chosen = clean_targets(model, tensor, targets, top_k)
+        baseline = self.baseline(model, tensor, params.baseline)
+        alphas = (np.arange(params.steps, dtype=np.float32) + 0.5) / params.steps
+        shape = (-1,) + (1,) * (tensor.ndim - 1)
+        rows = (baseline + alphas.reshape(shape) * (tensor - baseline)).astype(np.float32)
+        difference = channels_first(tensor - baseline, model.channel_axis)[0]
+        grads = [mean_input_gradient(model, rows, t) * difference for t in chosen]
+        return probabilities, chosen, grads
+
+    def baseline(self, model: LoadedModel, tensor: np.ndarray, kind: str) -> np.ndarray:
+        if kind == "zeros":
+            return np.zeros_like(tensor)
+        value = {"black": 0.0, "white": 255.0, "grey": 128.0, "blur": None}[kind]
+        spec = model.config.input
+        if value is None:
+            # Blurring the tensor equals blurring the pixels: normalisation is affine per channel.
+            image = tensor[0]
+            sigma = max(spec.height, spec.width) / 20
+            if model.channel_axis == 1:
+                blurred = np.stack([cv2.GaussianBlur(c, (0, 0), sigma) for c in image])
+            else:
+                blurred = cv2.GaussianBlur(image, (0, 0), sigma)
+            return blurred[None].astype(np.float32)
+        pixels = np.full((spec.height, spec.width, 3), value, dtype=np.float32)
+        return preprocess([pixels.astype(np.uint8)], spec)
+
+
+class GuidedGradCam(Explainer):
+    """Grad-CAM upsampled to the input, times the channel-wise max of |guided backprop|."""
+
+    params_model = GuidedGradCamParams
+
+    def explain(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: Any,
+    ) -> Explained:
+        cam = GradCam().explain(model, tensor, targets, top_k, params)
+        chosen = [m.target for m in cam.maps]
+        key = GraphKey(layer=None, wrt_input=True, guided=True, top_k_seeds=False)
+        result = model.gradients.run(
+            key, model.input_name, tensor, seeds=seeds_for(chosen, model.num_classes)
+        )
+        assert result.grad_input is not None
+        guided = channels_first(result.grad_input, model.channel_axis)
+        maps = [
+            TargetMap(m.target, m.heatmap * reduce_channels(g, "abs_max"))
+            for m, g in zip(cam.maps, guided, strict=True)
+        ]
+        return Explained(cam.probabilities, maps)

@@ -1,0 +1,53 @@
+"""Method-specific `params` of an explain request, one bounded model per method family."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Reduction = Literal["abs_max", "max", "sum", "abs_sum"]
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CamParams(_Params):
+    layer: str | None = Field(
+        default=None,
+        max_length=256,
+        description="A layer from GET /v1/models/{name}; the model's default layer if unset.",
+    )
+
+
+class SaliencyParams(_Params):
+    reduction: Reduction = Field(
+        default="abs_max",
+        description="How the per-channel input gradient becomes one map: `abs_max` (as "
+        "practitioners use it), `max`, `sum` (signed) or `abs_sum`.",
+    )
+
+
+class SmoothGradParams(SaliencyParams):
+    samples: int = Field(default=25, ge=1, le=200)
+    noise: float = Field(
+        default=0.15, ge=0.0, le=1.0, description="Noise std as a fraction of the input range."
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class IntegratedGradientsParams(_Params):
+    reduction: Reduction = "sum"
+    steps: int = Field(default=32, ge=2, le=512)
+    baseline: Literal["black", "white", "grey", "zeros", "blur"] = Field(
+        default="black",
+        description="Pixel-space baseline (black, white, mid-grey or a blurred copy), or a "
+        "zero input tensor.",
+    )
+
+
+class GradientTimesInputParams(_Params):
+    reduction: Reduction = "sum"
+
+
+class GuidedGradCamParams(CamParams):
+    pass
