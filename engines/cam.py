@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from engines.errors import UnsupportedModel
-from engines.explain import Explained, Explainer, TargetMap, seeds_for, spatial_size
+from engines.explain import Explained, Explainer, TargetMap, WorkLimits, seeds_for, spatial_size
 from engines.gradients import GradientResult, GraphKey
 from engines.model import LoadedModel
 from schemas.params import CamParams
@@ -48,6 +48,7 @@ class CamExplainer(Explainer):
         targets: list[int] | None,
         top_k: int,
         params: CamParams,
+        limits: WorkLimits = WorkLimits(),
     ) -> Explained:
         layer = resolve_layer(model, params)
         result = layer_gradients(model, tensor, targets, top_k, layer)

@@ -15,6 +15,16 @@ from engines.model import LoadedModel
 
 
 @dataclass(frozen=True)
+class WorkLimits:
+    """Bounds from the service's settings that a method must respect."""
+
+    max_passes: int = 4096
+    """Forward passes one request may cost (occlusion)."""
+    memory_budget_bytes: int = 256 * 1024 * 1024
+    """Bytes of input copies in flight at once (sets occlusion's batch size)."""
+
+
+@dataclass(frozen=True)
 class TargetMap:
     target: int
     heatmap: np.ndarray
@@ -39,6 +49,7 @@ class Explainer(ABC):
         targets: list[int] | None,
         top_k: int,
         params: Any,
+        limits: WorkLimits = WorkLimits(),
     ) -> Explained:
         """`tensor` is one preprocessed image (batch of 1); `targets` None means the top-k."""
 

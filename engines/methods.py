@@ -2,6 +2,7 @@
 
 from engines.cam import GradCam, GradCamPlusPlus, HiResCam, LayerCam, XGradCam
 from engines.explain import Explainer
+from engines.occlusion import Occlusion
 from engines.saliency import (
     GradientTimesInput,
     GuidedBackprop,
@@ -23,4 +24,5 @@ EXPLAINERS: dict[str, Explainer] = {
     "smoothgrad": SmoothGrad(),
     "integrated_gradients": IntegratedGradients(),
     "gradient_x_input": GradientTimesInput(),
+    "occlusion": Occlusion(),
 }

@@ -1,6 +1,7 @@
 """A loaded model: its session, config, labels and layer list, with `forward` and `predict`."""
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,10 @@ class LoadedModel:
         self.config = read_config(folder)
         self.labels = read_labels(folder, self.config)
         model_path = folder / MODEL_FILE
+        self.model_path = model_path
+        self.options = options
+        self._layer_sessions: dict[str, ModelSession] = {}
+        self._layer_lock = threading.Lock()
         self.sha256 = file_sha256(model_path)
         try:
             graph = onnx.load(str(model_path))
@@ -134,6 +139,18 @@ class LoadedModel:
         """The raw model output for a preprocessed batch, shape (N, classes)."""
         (output,) = self.session.run({self.input_name: batch}, [self.output_name])
         return output.reshape(output.shape[0], -1)
+
+    def layer_activations(self, batch: np.ndarray, layer: str) -> np.ndarray:
+        """A layer's activations for a preprocessed batch (a session exposing that layer)."""
+        with self._layer_lock:
+            session = self._layer_sessions.get(layer)
+            if session is None:
+                graph = onnx.load(str(self.model_path))
+                graph.graph.output.append(onnx.ValueInfoProto(name=layer))
+                session = ModelSession(graph.SerializeToString(), self.options)
+                self._layer_sessions[layer] = session
+        (activations,) = session.run({self.input_name: batch}, [layer])
+        return activations
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
         return self.to_probabilities(self.forward(preprocess(images, self.config.input)))

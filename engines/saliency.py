@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from engines.cam import GradCam, channels_first
-from engines.explain import Explained, Explainer, TargetMap, seeds_for
+from engines.explain import Explained, Explainer, TargetMap, WorkLimits, seeds_for
 from engines.gradients import GraphKey
 from engines.images import preprocess
 from engines.model import LoadedModel
@@ -52,6 +52,7 @@ class InputGradientExplainer(Explainer):
         targets: list[int] | None,
         top_k: int,
         params: Any,
+        limits: WorkLimits = WorkLimits(),
     ) -> Explained:
         probabilities, chosen, attributions = self.attribute(model, tensor, targets, top_k, params)
         maps = [
@@ -200,6 +201,7 @@ class GuidedGradCam(Explainer):
         targets: list[int] | None,
         top_k: int,
         params: Any,
+        limits: WorkLimits = WorkLimits(),
     ) -> Explained:
         cam = GradCam().explain(model, tensor, targets, top_k, params)
         chosen = [m.target for m in cam.maps]

@@ -11,6 +11,7 @@ from schemas.heatmap import Heatmap
 from schemas.predict import IMAGE_FIELD_DESCRIPTION, MAX_IMAGE_BASE64_CHARS, Prediction
 
 ExplainMethod = Literal[
+    "occlusion",
     "gradcam",
     "gradcam++",
     "xgradcam",

@@ -51,3 +51,25 @@ class GradientTimesInputParams(_Params):
 
 class GuidedGradCamParams(CamParams):
     pass
+
+
+class OcclusionParams(_Params):
+    window: int = Field(default=16, ge=1, le=4096, description="Side of the square patch.")
+    stride: int = Field(default=8, ge=1, le=4096)
+    baseline: Literal["constant", "mean", "blur"] = Field(
+        default="constant",
+        description="What covers the patch: a constant pixel value, the image's mean colour, "
+        "or a blurred copy of the image.",
+    )
+    value: int = Field(default=128, ge=0, le=255, description="Pixel value for `constant`.")
+    score: Literal["probability", "logit", "feature_dip"] = Field(
+        default="probability",
+        description="The map is the drop of the target's probability or logit from the clean "
+        "image, or (`feature_dip`) the largest per-channel drop of a layer's mean activation.",
+    )
+    layer: str | None = Field(
+        default=None, max_length=256, description="Layer for `feature_dip`; default layer if unset."
+    )
+    max_passes: int | None = Field(
+        default=None, ge=1, description="Refuse the request above this many passes."
+    )

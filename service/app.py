@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
+from engines.explain import WorkLimits
 from engines.images import ImageLimits
 from engines.repository import ModelRepository
 from engines.runtime import RuntimeOptions
@@ -59,6 +60,10 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
             min_side=settings.min_image_side,
+        ),
+        work_limits=WorkLimits(
+            max_passes=settings.max_passes,
+            memory_budget_bytes=settings.occlusion_memory_budget_bytes,
         ),
         inference_limiter=anyio.CapacityLimiter(settings.inference_concurrency),
     )

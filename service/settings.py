@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=64)
     min_image_side: int = Field(default=8, ge=1, le=1024)
+    max_passes: int = Field(
+        default=4096, ge=1, le=1_000_000, description="Forward passes one request may cost."
+    )
+    occlusion_memory_budget_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Bytes of occluded copies in flight at once; sets the batch size.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)

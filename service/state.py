@@ -6,6 +6,7 @@ from typing import Annotated
 import anyio
 from fastapi import Depends, Request
 
+from engines.explain import WorkLimits
 from engines.images import ImageLimits
 from engines.repository import ModelRepository
 from service.settings import Settings
@@ -16,6 +17,7 @@ class ServiceState:
     settings: Settings
     repository: ModelRepository
     image_limits: ImageLimits
+    work_limits: WorkLimits
     inference_limiter: anyio.CapacityLimiter
 
 

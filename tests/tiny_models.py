@@ -92,6 +92,8 @@ def write_model_folder(
     folder.mkdir(parents=True, exist_ok=True)
     if build == "small_cnn":
         small_cnn_model(folder / "model.onnx", size=size)
+    elif build == "region_mean":
+        region_mean_model(folder / "model.onnx", size=size)
     else:
         channel_mean_model(folder / "model.onnx", layout=layout, size=size)
     config = {
@@ -110,3 +112,32 @@ def write_model_folder(
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "labels.txt").write_text("\n".join(labels) + "\n")
     return folder
+
+
+REGION = (slice(4, 9), slice(6, 12))  # rows 4-8, columns 6-11 of a 16x16 input
+
+
+def region_mean_model(path: Path, size: int = 16) -> None:
+    """logits = [mean of the input over REGION (all channels), 0]: a known occlusion answer."""
+    starts = [0, 0, REGION[0].start, REGION[1].start]
+    ends = [2**31 - 1, 3, REGION[0].stop, REGION[1].stop]
+    nodes = [
+        helper.make_node("Slice", ["x", "starts", "ends"], ["region"]),
+        helper.make_node("ReduceMean", ["region"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Unsqueeze", ["mean", "axis1"], ["mean_column"]),
+        helper.make_node("Mul", ["mean_column", "zero"], ["zero_column"]),
+        helper.make_node("Concat", ["mean_column", "zero_column"], ["logits"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "region_mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        initializer=[
+            numpy_helper.from_array(np.array(starts, np.int64), "starts"),
+            numpy_helper.from_array(np.array(ends, np.int64), "ends"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ],
+    )
+    _save(graph, path)

@@ -116,6 +116,7 @@ async def explain(name: ModelName, request: Request, state: State) -> ExplainRes
         targets,
         parsed.top_k,
         params,
+        state.work_limits,
         limiter=state.inference_limiter,
     )
     computed = time.perf_counter()

@@ -1,0 +1,152 @@
+"""Occlusion sensitivity as large batched inference.
+
+Patches slide over the model's input; windows stay inside the image, and when the stride does
+not land on the last row or column an extra window is aligned with that edge, so every pixel is
+covered. Each pixel's value is the mean score drop over all windows covering it. Occluded copies
+are made with vectorised numpy a batch at a time; the batch size comes from the memory budget.
+"""
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import cv2
+import numpy as np
+
+from engines.errors import InvalidParameters, TooMuchWork, UnsupportedModel
+from engines.explain import Explained, Explainer, TargetMap, WorkLimits
+from engines.images import preprocess
+from engines.model import LoadedModel
+from schemas.params import OcclusionParams
+
+MAX_BATCH = 256
+
+Scorer = Callable[[np.ndarray], np.ndarray]
+"""A batch of input tensors -> (B, scores): class scores, or a layer's per-channel means."""
+
+
+def window_starts(size: int, window: int, stride: int) -> np.ndarray:
+    starts = np.arange(0, size - window + 1, stride)
+    if starts[-1] != size - window:
+        starts = np.append(starts, size - window)
+    return starts
+
+
+def occlusion_masks(
+    tops: np.ndarray, lefts: np.ndarray, window: int, height: int, width: int
+) -> np.ndarray:
+    """(B, H, W) booleans, True inside each window."""
+    rows = np.arange(height)[None, :, None]
+    cols = np.arange(width)[None, None, :]
+    top, left = tops[:, None, None], lefts[:, None, None]
+    masks: np.ndarray = (
+        (rows >= top) & (rows < top + window) & (cols >= left) & (cols < left + window)
+    )
+    return masks
+
+
+class Occlusion(Explainer):
+    params_model: ClassVar[type[OcclusionParams]] = OcclusionParams
+
+    def explain(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: OcclusionParams,
+        limits: WorkLimits = WorkLimits(),
+    ) -> Explained:
+        spec = model.config.input
+        height, width = spec.height, spec.width
+        if params.window > min(height, width):
+            raise InvalidParameters(
+                f"window {params.window} is larger than the model input {height}x{width}"
+            )
+        tops = window_starts(height, params.window, params.stride)
+        lefts = window_starts(width, params.window, params.stride)
+        passes = len(tops) * len(lefts)
+        allowed = min(limits.max_passes, params.max_passes or limits.max_passes)
+        if passes > allowed:
+            raise TooMuchWork(
+                f"window {params.window} with stride {params.stride} needs {passes} passes; "
+                f"the limit is {allowed}"
+            )
+        grid_tops, grid_lefts = (a.ravel() for a in np.meshgrid(tops, lefts, indexing="ij"))
+        baseline = self.baseline(model, tensor, params)
+        scorer = self.scorer(model, params)
+
+        clean_outputs = model.forward(tensor)
+        probabilities = model.to_probabilities(clean_outputs)[0]
+        if targets is None:
+            targets = [p.index for p in model.top_predictions(probabilities, top_k)]
+        clean = scorer(tensor)  # (1, S)
+        if params.score != "feature_dip":
+            clean = clean[:, targets]
+
+        bytes_per_copy = tensor[0].nbytes * 2  # the copy and its mask-selected source
+        batch = int(max(1, min(MAX_BATCH, limits.memory_budget_bytes // bytes_per_copy)))
+        channel_axis = model.channel_axis
+        total = np.zeros((clean.shape[1], height, width), dtype=np.float64)
+        count = np.zeros((height, width), dtype=np.float64)
+        for start in range(0, passes, batch):
+            chunk_tops = grid_tops[start : start + batch]
+            chunk_lefts = grid_lefts[start : start + batch]
+            masks = occlusion_masks(chunk_tops, chunk_lefts, params.window, height, width)
+            expanded = np.expand_dims(masks, channel_axis)
+            copies = np.where(expanded, baseline, tensor).astype(np.float32, copy=False)
+            scores = scorer(copies)
+            if params.score != "feature_dip":
+                scores = scores[:, targets]
+            drops = (clean - scores).astype(np.float64)  # (B, targets or channels)
+            if params.score == "feature_dip":
+                drops = drops.max(axis=1, keepdims=True)
+            masks_f = masks.astype(np.float64)
+            total += np.einsum("bs,bhw->shw", drops, masks_f)
+            count += masks_f.sum(axis=0)
+        maps = (total / count[None]).astype(np.float32)
+        if params.score == "feature_dip":
+            return Explained(probabilities, [TargetMap(t, maps[0]) for t in targets])
+        return Explained(
+            probabilities, [TargetMap(t, m) for t, m in zip(targets, maps, strict=True)]
+        )
+
+    @staticmethod
+    def baseline(model: LoadedModel, tensor: np.ndarray, params: OcclusionParams) -> np.ndarray:
+        spec = model.config.input
+        channel_axis = model.channel_axis
+        spatial = tuple(a for a in range(1, tensor.ndim) if a != channel_axis)
+        if params.baseline == "mean":
+            mean: np.ndarray = tensor.mean(axis=spatial, keepdims=True)
+            return mean
+        if params.baseline == "blur":
+            sigma = max(spec.height, spec.width) / 20
+            image = np.moveaxis(tensor[0], channel_axis - 1, -1)
+            blurred: np.ndarray = cv2.GaussianBlur(image, (0, 0), sigma)
+            moved: np.ndarray = np.moveaxis(blurred, -1, channel_axis - 1)[None]
+            return moved.astype(np.float32)
+        pixels = np.full((spec.height, spec.width, 3), params.value, dtype=np.uint8)
+        return preprocess([pixels], spec)
+
+    @staticmethod
+    def scorer(model: LoadedModel, params: OcclusionParams) -> Scorer:
+        if params.score == "probability":
+
+            def probability_score(batch: np.ndarray) -> np.ndarray:
+                return model.to_probabilities(model.forward(batch))
+
+            return probability_score
+        if params.score == "logit":
+            return model.forward
+        layer = params.layer or model.default_layer
+        if layer is None:
+            raise UnsupportedModel("the model has no spatial layer for feature_dip")
+        model.gradients.check_layer(layer)
+        channel_axis = model.channel_axis
+
+        def feature_dip_score(batch: np.ndarray) -> np.ndarray:
+            activations = model.layer_activations(batch, layer)
+            spatial = tuple(a for a in range(1, activations.ndim) if a != channel_axis)
+            means: np.ndarray = activations.mean(axis=spatial)  # (B, C)
+            return means
+
+        return feature_dip_score

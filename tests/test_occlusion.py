@@ -1,0 +1,163 @@
+"""Occlusion on a model whose answer is known exactly, and on the real default model."""
+
+import base64
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from engines.errors import InvalidParameters, TooMuchWork
+from engines.explain import TargetMap, WorkLimits
+from engines.images import preprocess
+from engines.model import LoadedModel
+from engines.occlusion import Occlusion, window_starts
+from schemas.params import OcclusionParams
+from tests.conftest import CPU
+from tests.images import encode, photo, solid
+from tests.test_explain import CAT_BOX, peak
+from tests.tiny_models import REGION, write_model_folder
+
+
+@pytest.fixture(scope="module")
+def region_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = write_model_folder(
+        tmp_path_factory.mktemp("occlusion") / "region",
+        "region_mean",
+        scale=1 / 255,
+        labels=("region", "nothing"),
+    )
+    return LoadedModel("region", folder, CPU)
+
+
+def occlude(
+    model: LoadedModel, image: np.ndarray, limits: WorkLimits, **params: object
+) -> list[TargetMap]:
+    tensor = preprocess([image], model.config.input)
+    parsed = OcclusionParams.model_validate(params)
+    return Occlusion().explain(model, tensor, [0], 1, parsed, limits).maps
+
+
+def region_indicator() -> np.ndarray:
+    mask = np.zeros((16, 16), dtype=np.float32)
+    mask[REGION] = 1.0
+    return mask
+
+
+@pytest.mark.parametrize("budget_copies", [1, 7, 64, 1000])
+def test_one_pixel_patches_recover_the_region_for_every_batch_size(
+    region_model: LoadedModel, budget_copies: int
+) -> None:
+    copy_bytes = 3 * 16 * 16 * 4 * 2
+    limits = WorkLimits(memory_budget_bytes=budget_copies * copy_bytes)
+    (result,) = occlude(
+        region_model,
+        solid((255, 255, 255), 16, 16),
+        limits,
+        window=1,
+        stride=1,
+        baseline="constant",
+        value=0,
+        score="logit",
+    )
+    area = region_indicator().sum()
+    # Blacking out one white pixel of the region lowers its mean by 1/area, elsewhere by 0.
+    np.testing.assert_allclose(result.heatmap, region_indicator() / area, atol=1e-6)
+
+
+def test_overlapping_windows_are_averaged(region_model: LoadedModel) -> None:
+    (result,) = occlude(
+        region_model,
+        solid((255, 255, 255), 16, 16),
+        WorkLimits(),
+        window=2,
+        stride=1,
+        value=0,
+        score="logit",
+    )
+    area = region_indicator().sum()
+    windows = [(t, left) for t in range(15) for left in range(15)]
+    expected = np.zeros((16, 16))
+    count = np.zeros((16, 16))
+    for top, left in windows:
+        patch = np.zeros((16, 16))
+        patch[top : top + 2, left : left + 2] = 1
+        expected += patch * (patch * region_indicator()).sum() / area
+        count += patch
+    np.testing.assert_allclose(result.heatmap, expected / count, atol=1e-6)
+
+
+def test_windows_cover_the_edges() -> None:
+    assert window_starts(16, 5, 4).tolist() == [0, 4, 8, 11]
+    assert window_starts(224, 16, 8).size == 27
+
+
+def test_probability_score_drops_where_the_class_lives(region_model: LoadedModel) -> None:
+    (result,) = occlude(
+        region_model, solid((255, 255, 255), 16, 16), WorkLimits(), window=4, stride=2, value=0
+    )
+    assert result.heatmap[REGION].mean() > 0
+    assert result.heatmap[12:, 12:].max() == 0
+
+
+def test_limits_and_bad_windows(region_model: LoadedModel) -> None:
+    image = solid((255, 255, 255), 16, 16)
+    with pytest.raises(TooMuchWork, match="256 passes"):
+        occlude(region_model, image, WorkLimits(max_passes=100), window=1, stride=1)
+    with pytest.raises(TooMuchWork, match="the limit is 10"):
+        occlude(region_model, image, WorkLimits(), window=1, stride=1, max_passes=10)
+    with pytest.raises(InvalidParameters, match="larger than the model input"):
+        occlude(region_model, image, WorkLimits(), window=17)
+    with pytest.raises(ValueError, match="stride"):
+        OcclusionParams.model_validate({"stride": 0})
+
+
+def test_feature_dip_peaks_where_the_strongest_channel_lives(tmp_path: Path) -> None:
+    model = LoadedModel("cnn", write_model_folder(tmp_path / "cnn"), CPU)
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    image[2:7, 9:14] = (200, 0, 0)
+    (result,) = occlude(
+        model, image, WorkLimits(), window=3, stride=1, value=0, score="feature_dip", layer="relu"
+    )
+    row, column = peak(result.heatmap)
+    assert 2 <= row < 7
+    assert 9 <= column < 14
+
+
+def test_occlusion_over_http_reports_passes_in_the_error(tiny_client: TestClient) -> None:
+    image = base64.b64encode(encode(solid((200, 0, 0), 16, 16))).decode()
+    response = tiny_client.post(
+        "/v1/models/tiny/explain",
+        json={
+            "image": image,
+            "method": "occlusion",
+            "params": {"window": 1, "stride": 1, "max_passes": 5},
+        },
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "too_much_work"
+    assert "256 passes" in response.json()["error"]["message"]
+    ok = tiny_client.post(
+        "/v1/models/tiny/explain",
+        json={"image": image, "method": "occlusion", "params": {"window": 4, "stride": 4}},
+    )
+    assert ok.status_code == 200, ok.text
+
+
+def test_occlusion_for_the_cat_peaks_on_the_cat(client: TestClient) -> None:
+    response = client.post(
+        "/v1/models/efficientnet-lite0/explain",
+        json={
+            "image": base64.b64encode(encode(photo("chelsea"))).decode(),
+            "method": "occlusion",
+            "targets": [281],
+            "params": {"window": 48, "stride": 16},
+            "output": {"format": "array"},
+        },
+    )
+    assert response.status_code == 200, response.text
+    heatmap = response.json()["explanations"][0]["heatmap"]
+    values = np.frombuffer(base64.b64decode(heatmap["data"]), "<f4").reshape(heatmap["shape"])
+    row, column = peak(values)
+    assert CAT_BOX[0].start <= row < CAT_BOX[0].stop
+    assert CAT_BOX[1].start <= column < CAT_BOX[1].stop
