@@ -20,8 +20,8 @@ class WorkLimits:
 
     max_passes: int = 4096
     """Forward passes one request may cost (occlusion)."""
-    memory_budget_bytes: int = 256 * 1024 * 1024
-    """Bytes of input copies in flight at once (sets occlusion's batch size)."""
+    memory_budget_bytes: int = 512 * 1024 * 1024
+    """Memory for input copies and their activations in flight (sets occlusion's batch)."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from engines.model import LoadedModel
 from schemas.params import OcclusionParams
 
 MAX_BATCH = 256
+ACTIVATION_FACTOR = 32
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 """A batch of input tensors -> (B, scores): class scores, or a layer's per-channel means."""
@@ -42,6 +43,31 @@ def occlusion_masks(
         (rows >= top) & (rows < top + window) & (cols >= left) & (cols < left + window)
     )
     return masks
+
+
+def box_sum(impulses: np.ndarray, window: int) -> np.ndarray:
+    """out[s, y, x] = sum of impulses[s, y-window+1 .. y, x-window+1 .. x] (a window's reach)."""
+    padded = np.pad(impulses, ((0, 0), (1, 0), (1, 0)))
+    summed = padded.cumsum(axis=1).cumsum(axis=2)
+    height, width = impulses.shape[1:]
+    ys = np.arange(1, height + 1)
+    xs = np.arange(1, width + 1)
+    y0 = np.maximum(ys - window, 0)
+    x0 = np.maximum(xs - window, 0)
+    box: np.ndarray = (
+        summed[:, ys][:, :, xs]
+        - summed[:, y0][:, :, xs]
+        - summed[:, ys][:, :, x0]
+        + summed[:, y0][:, :, x0]
+    )
+    return box
+
+
+def batch_size(input_bytes: int, budget_bytes: int) -> int:
+    # onnxruntime's activations for one CNN image run to tens of times its input tensor; the
+    # budget covers both, so a batch never balloons the process.
+    per_image = input_bytes * ACTIVATION_FACTOR
+    return int(max(1, min(MAX_BATCH, budget_bytes // per_image)))
 
 
 class Occlusion(Explainer):
@@ -83,27 +109,33 @@ class Occlusion(Explainer):
         if params.score != "feature_dip":
             clean = clean[:, targets]
 
-        bytes_per_copy = tensor[0].nbytes * 2  # the copy and its mask-selected source
-        batch = int(max(1, min(MAX_BATCH, limits.memory_budget_bytes // bytes_per_copy)))
+        batch = batch_size(tensor[0].nbytes, limits.memory_budget_bytes)
         channel_axis = model.channel_axis
-        total = np.zeros((clean.shape[1], height, width), dtype=np.float64)
-        count = np.zeros((height, width), dtype=np.float64)
+        maps_count = 1 if params.score == "feature_dip" else len(targets)
+        impulses = np.zeros((maps_count, height, width), dtype=np.float64)
+        copies = np.empty((batch, *tensor.shape[1:]), dtype=np.float32)
         for start in range(0, passes, batch):
             chunk_tops = grid_tops[start : start + batch]
             chunk_lefts = grid_lefts[start : start + batch]
+            size = chunk_tops.size
             masks = occlusion_masks(chunk_tops, chunk_lefts, params.window, height, width)
-            expanded = np.expand_dims(masks, channel_axis)
-            copies = np.where(expanded, baseline, tensor).astype(np.float32, copy=False)
-            scores = scorer(copies)
+            chunk = copies[:size]
+            chunk[:] = tensor
+            np.copyto(chunk, baseline, where=np.expand_dims(masks, channel_axis))
+            scores = scorer(chunk)
             if params.score != "feature_dip":
                 scores = scores[:, targets]
             drops = (clean - scores).astype(np.float64)  # (B, targets or channels)
             if params.score == "feature_dip":
                 drops = drops.max(axis=1, keepdims=True)
-            masks_f = masks.astype(np.float64)
-            total += np.einsum("bs,bhw->shw", drops, masks_f)
-            count += masks_f.sum(axis=0)
-        maps = (total / count[None]).astype(np.float32)
+            # Each window's drop is recorded at its top-left corner and spread by a box sum.
+            for row, column_drops in zip(impulses, drops.T, strict=True):
+                np.add.at(row, (chunk_tops, chunk_lefts), column_drops)
+        counts = np.zeros((1, height, width), dtype=np.float64)
+        np.add.at(counts, (0, grid_tops, grid_lefts), 1.0)
+        maps = (box_sum(impulses, params.window) / box_sum(counts, params.window)).astype(
+            np.float32
+        )
         if params.score == "feature_dip":
             return Explained(probabilities, [TargetMap(t, maps[0]) for t in targets])
         return Explained(

@@ -41,9 +41,10 @@ class Settings(BaseSettings):
         default=4096, ge=1, le=1_000_000, description="Forward passes one request may cost."
     )
     occlusion_memory_budget_bytes: int = Field(
-        default=256 * 1024 * 1024,
+        default=512 * 1024 * 1024,
         ge=1024 * 1024,
-        description="Bytes of occluded copies in flight at once; sets the batch size.",
+        description="Memory for occluded copies and their activations in flight at once; "
+        "sets occlusion's batch size.",
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

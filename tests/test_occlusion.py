@@ -11,7 +11,7 @@ from engines.errors import InvalidParameters, TooMuchWork
 from engines.explain import TargetMap, WorkLimits
 from engines.images import preprocess
 from engines.model import LoadedModel
-from engines.occlusion import Occlusion, window_starts
+from engines.occlusion import ACTIVATION_FACTOR, Occlusion, window_starts
 from schemas.params import OcclusionParams
 from tests.conftest import CPU
 from tests.images import encode, photo, solid
@@ -48,7 +48,7 @@ def region_indicator() -> np.ndarray:
 def test_one_pixel_patches_recover_the_region_for_every_batch_size(
     region_model: LoadedModel, budget_copies: int
 ) -> None:
-    copy_bytes = 3 * 16 * 16 * 4 * 2
+    copy_bytes = 3 * 16 * 16 * 4 * ACTIVATION_FACTOR
     limits = WorkLimits(memory_budget_bytes=budget_copies * copy_bytes)
     (result,) = occlude(
         region_model,
