@@ -1,0 +1,77 @@
+"""Prepared gradient graphs: ahead of time into the model folder, else into the cache."""
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.gradients import GraphKey
+from engines.images import preprocess
+from engines.model import LoadedModel
+from service.cli import main
+from tests.conftest import CPU
+from tests.images import solid
+from tests.tiny_models import write_model_folder
+
+CAM = GraphKey("relu", wrt_input=False, guided=False, top_k_seeds=False)
+
+
+def run_cam(model: LoadedModel) -> np.ndarray:
+    tensor = preprocess([solid((200, 10, 10), 16, 16)], model.config.input)
+    seeds = np.eye(3, dtype=np.float32)[:1]
+    result = model.gradients.run(CAM, model.input_name, tensor, seeds=seeds)
+    assert result.grad_layer is not None
+    return result.grad_layer
+
+
+def test_prepare_writes_graphs_into_the_model_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_model_folder(tmp_path / "tiny")
+    assert main(["prepare", "tiny", "--repository", str(tmp_path)]) == 0
+    written = [Path(line) for line in capsys.readouterr().out.split()]
+    assert len(written) == 6
+    assert all(p.parent == tmp_path / "tiny" / "gradients" and p.is_file() for p in written)
+    model = LoadedModel("tiny", tmp_path / "tiny", CPU, cache_dir=tmp_path / "cache")
+    assert model.gradients.prepared_dir / CAM.file_name(model.sha256) in written
+    run_cam(model)
+    assert not (tmp_path / "cache").exists()  # the prepared graph was used, nothing rebuilt
+
+
+def test_unprepared_graphs_go_to_the_cache_and_survive_a_read_only_model_folder(
+    tmp_path: Path,
+) -> None:
+    folder = write_model_folder(tmp_path / "models" / "tiny")
+    for path in (folder, *folder.iterdir()):
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        cache = tmp_path / "cache"
+        model = LoadedModel("tiny", folder, CPU, cache_dir=cache)
+        first = run_cam(model)
+        cached = cache / CAM.file_name(model.sha256)
+        assert cached.is_file()
+        stamp = os.stat(cached).st_mtime_ns
+        again = LoadedModel("tiny", folder, CPU, cache_dir=cache)
+        np.testing.assert_array_equal(run_cam(again), first)
+        assert os.stat(cached).st_mtime_ns == stamp  # reused, not rebuilt
+    finally:
+        folder.chmod(0o755)
+
+
+def test_graph_file_names_separate_models_layers_and_variants() -> None:
+    names = {
+        GraphKey("a/b", False, False, False).file_name("0" * 64),
+        GraphKey("a_b", False, False, False).file_name("0" * 64),
+        GraphKey("a/b", False, False, True).file_name("0" * 64),
+        GraphKey(None, True, True, False).file_name("0" * 64),
+        GraphKey("a/b", False, False, False).file_name("1" * 64),
+    }
+    assert len(names) == 5
+    assert all("/" not in name for name in names)
+
+
+def test_prepare_refuses_unknown_models(tmp_path: Path) -> None:
+    assert main(["prepare", "../etc", "--repository", str(tmp_path)]) == 2
+    assert main(["prepare", "missing", "--repository", str(tmp_path)]) == 2
