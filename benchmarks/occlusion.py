@@ -61,6 +61,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--provider", choices=["cpu", "auto", "cuda"], default="cpu")
     parser.add_argument("--captum", action="store_true", help="also time Captum's Occlusion")
+    parser.add_argument(
+        "--copies-in-graph",
+        action="store_true",
+        help="make the copies inside the graph with IO binding (the CUDA path) on any provider",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -86,7 +91,8 @@ def main() -> None:
                 model.forward(images[: min(batch, passes - start)])
 
         def occlusion_map() -> None:
-            Occlusion().explain(model, tensor, [TARGET], 1, params, limits)
+            explainer = Occlusion(copies_on_device=True if args.copies_in_graph else None)
+            explainer.explain(model, tensor, [TARGET], 1, params, limits)
 
         reset_peak_rss()
         occlusion_map()

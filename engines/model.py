@@ -140,6 +140,28 @@ class LoadedModel:
         (output,) = self.session.run({self.input_name: batch}, [self.output_name])
         return output.reshape(output.shape[0], -1)
 
+    def occlusion_session(self, layer: str | None) -> ModelSession:
+        """The model behind an in-graph occlusion prefix (engines.occlusion_graph)."""
+        from engines.occlusion_graph import build_occlusion_model
+
+        key = f"occlusion:{layer or ''}"
+        with self._layer_lock:
+            session = self._layer_sessions.get(key)
+            if session is None:
+                spec = self.config.input
+                wrapped = build_occlusion_model(
+                    onnx.load(str(self.model_path)),
+                    self.input_name,
+                    self.output_name,
+                    spec.layout,
+                    spec.height,
+                    spec.width,
+                    layer,
+                )
+                session = ModelSession(wrapped.SerializeToString(), self.options)
+                self._layer_sessions[key] = session
+            return session
+
     def layer_activations(self, batch: np.ndarray, layer: str) -> np.ndarray:
         """A layer's activations for a preprocessed batch (a session exposing that layer)."""
         with self._layer_lock:

@@ -12,6 +12,7 @@ from typing import ClassVar
 import cv2
 import numpy as np
 
+from engines import occlusion_graph
 from engines.errors import InvalidParameters, TooMuchWork, UnsupportedModel
 from engines.explain import Explained, Explainer, TargetMap, WorkLimits
 from engines.images import preprocess
@@ -23,6 +24,9 @@ ACTIVATION_FACTOR = 32
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 """A batch of input tensors -> (B, scores): class scores, or a layer's per-channel means."""
+WindowScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""Windows' top and left corners (B,) -> the scores of the image occluded there (B, scores)."""
+CUDA = "CUDAExecutionProvider"
 
 
 def window_starts(size: int, window: int, stride: int) -> np.ndarray:
@@ -73,6 +77,61 @@ def batch_size(input_bytes: int, budget_bytes: int) -> int:
 class Occlusion(Explainer):
     params_model: ClassVar[type[OcclusionParams]] = OcclusionParams
 
+    def __init__(self, copies_on_device: bool | None = None) -> None:
+        """`copies_on_device`: make copies inside the graph (None: only on CUDA)."""
+        self.copies_on_device = copies_on_device
+
+    @staticmethod
+    def host_copies(
+        model: LoadedModel,
+        tensor: np.ndarray,
+        baseline: np.ndarray,
+        scorer: Scorer,
+        batch: int,
+        window: int,
+    ) -> WindowScorer:
+        """Occluded copies made with numpy into one reused buffer, scored by `scorer`."""
+        height, width = model.config.input.height, model.config.input.width
+        copies = np.empty((batch, *tensor.shape[1:]), dtype=np.float32)
+
+        def score(tops: np.ndarray, lefts: np.ndarray) -> np.ndarray:
+            masks = occlusion_masks(tops, lefts, window, height, width)
+            chunk = copies[: tops.size]
+            chunk[:] = tensor
+            np.copyto(chunk, baseline, where=np.expand_dims(masks, model.channel_axis))
+            return scorer(chunk)
+
+        return score
+
+    @staticmethod
+    def device_copies(
+        model: LoadedModel, tensor: np.ndarray, baseline: np.ndarray, params: OcclusionParams
+    ) -> WindowScorer:
+        """Copies made inside the graph; image and baseline stay bound on the device."""
+        layer = (params.layer or model.default_layer) if params.score == "feature_dip" else None
+        session = model.occlusion_session(layer)
+        bound = session.bind(
+            {
+                occlusion_graph.IMAGE: tensor,
+                occlusion_graph.BASELINE: np.broadcast_to(baseline, tensor.shape).copy(),
+                occlusion_graph.WINDOW: np.array([params.window], dtype=np.int64),
+            }
+        )
+        output = occlusion_graph.LAYER_MEANS if layer is not None else model.output_name
+
+        def score(tops: np.ndarray, lefts: np.ndarray) -> np.ndarray:
+            feeds = {
+                occlusion_graph.TOPS: tops.astype(np.int64),
+                occlusion_graph.LEFTS: lefts.astype(np.int64),
+            }
+            (values,) = bound.run(feeds, [output])
+            values = values.reshape(tops.size, -1)
+            if params.score == "probability":
+                return model.to_probabilities(values)
+            return values
+
+        return score
+
     def explain(
         self,
         model: LoadedModel,
@@ -110,19 +169,22 @@ class Occlusion(Explainer):
             clean = clean[:, targets]
 
         batch = batch_size(tensor[0].nbytes, limits.memory_budget_bytes)
-        channel_axis = model.channel_axis
         maps_count = 1 if params.score == "feature_dip" else len(targets)
         impulses = np.zeros((maps_count, height, width), dtype=np.float64)
-        copies = np.empty((batch, *tensor.shape[1:]), dtype=np.float32)
+        on_device = (
+            model.session.provider == CUDA
+            if self.copies_on_device is None
+            else self.copies_on_device
+        )
+        score_windows = (
+            self.device_copies(model, tensor, baseline, params)
+            if on_device
+            else self.host_copies(model, tensor, baseline, scorer, batch, params.window)
+        )
         for start in range(0, passes, batch):
             chunk_tops = grid_tops[start : start + batch]
             chunk_lefts = grid_lefts[start : start + batch]
-            size = chunk_tops.size
-            masks = occlusion_masks(chunk_tops, chunk_lefts, params.window, height, width)
-            chunk = copies[:size]
-            chunk[:] = tensor
-            np.copyto(chunk, baseline, where=np.expand_dims(masks, channel_axis))
-            scores = scorer(chunk)
+            scores = score_windows(chunk_tops, chunk_lefts)
             if params.score != "feature_dip":
                 scores = scores[:, targets]
             drops = (clean - scores).astype(np.float64)  # (B, targets or channels)

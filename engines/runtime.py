@@ -97,3 +97,37 @@ class ModelSession:
         except Exception as exc:
             raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
         return [np.asarray(o) for o in outputs]
+
+    def bind(self, resident: dict[str, np.ndarray]) -> "BoundSession":
+        """IO binding with `resident` inputs copied to the session's device once."""
+        return BoundSession(self._session, self.provider, resident)
+
+
+class BoundSession:
+    """Runs with some inputs kept on the device (CUDA) between runs; others sent per run."""
+
+    def __init__(
+        self, session: ort.InferenceSession, provider: str, resident: dict[str, np.ndarray]
+    ) -> None:
+        self._session = session
+        self._device = "cuda" if provider == _CUDA else "cpu"
+        self._binding = session.io_binding()
+        # Keep the OrtValues alive: the binding only refers to their memory.
+        self._resident = {
+            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self._device, 0)
+            for name, value in resident.items()
+        }
+        for name, value in self._resident.items():
+            self._binding.bind_ortvalue_input(name, value)
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
+        for name, value in feeds.items():
+            self._binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        self._binding.clear_binding_outputs()
+        for name in output_names:
+            self._binding.bind_output(name, "cpu")
+        try:
+            self._session.run_with_iobinding(self._binding)
+        except Exception as exc:
+            raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
+        return [np.asarray(o) for o in self._binding.copy_outputs_to_cpu()]

@@ -161,3 +161,27 @@ def test_occlusion_for_the_cat_peaks_on_the_cat(client: TestClient) -> None:
     row, column = peak(values)
     assert CAT_BOX[0].start <= row < CAT_BOX[0].stop
     assert CAT_BOX[1].start <= column < CAT_BOX[1].stop
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"window": 3, "stride": 2, "score": "logit"},
+        {"window": 4, "stride": 3, "score": "probability", "baseline": "mean"},
+        {"window": 3, "stride": 1, "score": "feature_dip", "layer": "relu", "value": 0},
+    ],
+)
+def test_copies_made_in_the_graph_match_copies_made_in_numpy(
+    tmp_path: Path, params: dict[str, object]
+) -> None:
+    """The CUDA path (in-graph copies, IO binding) run on the CPU provider."""
+    model = LoadedModel("cnn", write_model_folder(tmp_path / "cnn"), CPU)
+    image = np.random.default_rng(3).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    tensor = preprocess([image], model.config.input)
+    parsed = OcclusionParams.model_validate(params)
+    limits = WorkLimits(memory_budget_bytes=5 * 3 * 16 * 16 * 4 * ACTIVATION_FACTOR)
+    on_host = Occlusion(copies_on_device=False).explain(model, tensor, [0, 2], 1, parsed, limits)
+    on_device = Occlusion(copies_on_device=True).explain(model, tensor, [0, 2], 1, parsed, limits)
+    for host_map, device_map in zip(on_host.maps, on_device.maps, strict=True):
+        assert host_map.target == device_map.target
+        np.testing.assert_allclose(device_map.heatmap, host_map.heatmap, rtol=1e-5, atol=1e-6)
