@@ -1,0 +1,446 @@
+"""Reverse-mode differentiation of an ONNX classifier: the forward graph plus a backward part.
+
+Only nodes on a path from the differentiated tensor (the layer, or the model input) to the
+class-score output are differentiated. The backward part starts from a `seed` input [M, classes]
+and computes vector-Jacobian products: row m of every gradient is d(sum_j seed[m, j] *
+output[n, j]) / d tensor, with n = m when the batch N equals M, or n = 0 when N == 1 (the rules
+broadcast forward tensors [1, ...] against gradients [M, ...], so M seeds cost one forward).
+"""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from engines.errors import InvalidParameters, UnsupportedModel
+from engines.graphs.context import Dims, Emitter, GraphInfo, NodeGrad
+from engines.graphs.derivatives import RULES
+
+SEED = "seed"
+ACTIVATION = "activation"
+GRAD_LAYER = "grad_layer"
+GRAD_INPUT = "grad_input"
+RESERVED = (SEED, ACTIVATION, GRAD_LAYER, GRAD_INPUT)
+MIN_OPSET = 13
+SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), which MaxPool's gradient needs
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class GradientSpec:
+    output: str  # name of the class-score output (e.g. "logits")
+    layer: str | None = None  # an intermediate tensor: return its value and its gradient
+    wrt_input: bool = False  # also return the gradient w.r.t. the model input
+    guided: bool = False  # guided-backprop rule at ReLU-like ops
+    # With wrt_input: run the forward on the input repeated to the seed batch M (free when
+    # M == N, M forwards when N == 1). onnxruntime then proves the gradients' and activations'
+    # shapes equal and keeps the whole backward in its blocked NCHWc layout: saliency ~12%
+    # faster. Only for a `seed` fed as an input: a seed computed inside the graph from the
+    # output (in-graph top-k) would make a cycle.
+    tile_input: bool = False
+
+
+def supported_ops() -> list[str]:
+    """The op types the backward pass can go through."""
+    return sorted(RULES)
+
+
+def build_gradient_model(model: onnx.ModelProto, spec: GradientSpec) -> onnx.ModelProto:
+    """The forward graph of `model` plus the backward part that `spec` asks for.
+
+    Inputs: the model's input [N, ...] and `seed` [M, classes], with M == N or N == 1.
+    Outputs, in order: `spec.output` [N, classes]; with a layer, `activation` [N, ...] and
+    `grad_layer` [M, ...]; with `wrt_input`, `grad_input` [M, ...]. Row m of a gradient is
+    d(sum_j seed[m, j] * output[n, j]) / d tensor[n], n = m (M == N) or 0 (N == 1).
+    """
+    if spec.layer is None and not spec.wrt_input:
+        raise InvalidParameters("nothing to differentiate: ask for a layer, the input or both")
+    model = _prepared(model)
+    graph = model.graph
+    data_input = _data_input(graph)
+    layer = _rename_reserved(graph, spec, data_input)
+    info = _graph_info(model)
+    _check_targets(graph, info, spec, layer, data_input)
+    emit = Emitter(_all_names(graph))
+    source, output, batch = data_input, spec.output, _fresh_dim(graph)
+    tiled = spec.tile_input and spec.wrt_input and isinstance(info.shapes[data_input][0], str)
+    if tiled:
+        source, output = _tile_to_seeds(graph, info, emit, data_input, spec.output)
+        layer = source if layer == data_input else layer
+        batch = str(info.shapes[data_input][0])
+    sources = {name for name in (layer, source if spec.wrt_input else None) if name}
+    active = _active_tensors(graph.node, sources, output, info)
+    if spec.wrt_input and source not in active:
+        raise UnsupportedModel(f"output {spec.output!r} does not depend on the model input")
+    _check_float32(active, info)
+    totals = _backward(graph, output, spec.guided, active, info, emit, sorted(sources))
+
+    cut = _input_batch(emit, info, data_input) if tiled else None
+    if output != spec.output:
+        emit.nodes.append(_first_rows(emit, output, spec.output, cut))
+    outputs = [_value_info(spec.output, info.shapes[output])]
+    if layer is not None:
+        emit.nodes.append(_first_rows(emit, layer, ACTIVATION, cut))
+        emit.nodes.append(_identity(emit, totals[layer], GRAD_LAYER))
+        outputs.append(_value_info(ACTIVATION, info.shapes[layer]))
+        outputs.append(_batched(GRAD_LAYER, info, layer, batch))
+    if spec.wrt_input:
+        emit.nodes.append(_identity(emit, totals[source], GRAD_INPUT))
+        outputs.append(_batched(GRAD_INPUT, info, source, batch))
+    return _assemble(model, data_input, emit, outputs, _seed_info(info, output, batch))
+
+
+def _tile_to_seeds(
+    graph: onnx.GraphProto, info: GraphInfo, emit: Emitter, data_input: str, output: str
+) -> tuple[str, str]:
+    """Run the forward pass on the input repeated to the seed batch M; return the new names.
+
+    The backward multiplies gradients [M, ...] with forward tensors; onnxruntime keeps those
+    products in its blocked NCHWc layout only if both shapes provably match, which saves two
+    reorders per activation. So the forward runs at batch M (the seed shares the input's
+    batch name, and every tensor but the input really has that size): free when M == N, a few
+    extra forwards when N == 1 and M > 1, small next to M backward passes. The class scores
+    (and the activation) are cut back to the first N rows at the end.
+    """
+    tiled, scores = emit.fresh("tiled_input"), emit.fresh(f"{output}/tiled")
+    _rename(graph, data_input, tiled, keep_inputs=True)
+    _rename(graph, output, scores)
+    rank = len(info.shapes[data_input])
+    column = emit.fresh("seed_column")
+    zeros, shaped = emit.fresh("seed_zeros"), emit.fresh("seed_zeros_shaped")
+    steps = [
+        helper.make_node("Slice", [SEED, emit.ints([0]), emit.ints([1]), emit.ints([1])], [column]),
+        helper.make_node("Mul", [column, emit.scalar(0.0)], [zeros]),
+        helper.make_node("Reshape", [zeros, emit.ints([0] + [1] * (rank - 1))], [shaped]),
+        helper.make_node("Add", [data_input, shaped], [tiled]),
+    ]
+    for step in steps:
+        step.name = step.output[0]
+    nodes = [*steps, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for source, target in ((data_input, tiled), (output, scores)):
+        info.shapes[target] = info.shapes[source]
+        info.elem_types[target] = info.elem_types[source]
+    return tiled, scores
+
+
+def _input_batch(emit: Emitter, info: GraphInfo, data_input: str) -> str:
+    """[N], the input's batch size, as a 1-D tensor."""
+    if info.opset >= 15:
+        return emit.op("Shape", [data_input], "input_batch", end=1)
+    shape = emit.op("Shape", [data_input], "input_batch")
+    return emit.op("Slice", [shape, emit.ints([0]), emit.ints([1])], "input_batch")
+
+
+def _first_rows(emit: Emitter, tensor: str, name: str, batch: str | None) -> onnx.NodeProto:
+    """`name` = `tensor`, or its first `batch` rows when the forward ran tiled."""
+    if batch is None:
+        return _identity(emit, tensor, name)
+    inputs = [tensor, emit.ints([0]), batch, emit.ints([0])]
+    return helper.make_node("Slice", inputs, [name], name=emit.fresh(name))
+
+
+# --- preparation -----------------------------------------------------------------------------
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
+    return versions[0] if versions else 1
+
+
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy at an opset the backward ops exist in (>= 13; >= 16 when MaxPool is used)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    opset = _opset(copy)
+    target = max(opset, MIN_OPSET)
+    if opset < SCATTER_ADD_OPSET and any(n.op_type == "MaxPool" for n in copy.graph.node):
+        target = SCATTER_ADD_OPSET
+    if target == opset:
+        return copy
+    try:
+        return onnx.version_converter.convert_version(copy, target)
+    except Exception as exc:  # the converter raises assorted errors for ops it cannot map
+        raise UnsupportedModel(f"cannot convert the model from opset {opset} to {target}") from exc
+
+
+def _data_input(graph: onnx.GraphProto) -> str:
+    initializers = {i.name for i in graph.initializer}
+    inputs = [str(i.name) for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UnsupportedModel(f"the model must have exactly one input, it has {len(inputs)}")
+    return inputs[0]
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in _walk(graph):
+        names.update(node.input)
+        names.update(node.output)
+        names.add(node.name)
+    for values in (graph.input, graph.output, graph.value_info, graph.initializer):
+        names.update(v.name for v in values)
+    names.discard("")
+    return names
+
+
+def _walk(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    """Every node, including those of subgraphs (If/Loop bodies)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs]:
+                yield from _walk(sub)
+
+
+def _rename_reserved(graph: onnx.GraphProto, spec: GradientSpec, data_input: str) -> str | None:
+    """Rename internal tensors that use the gradient model's new names; return the layer's name."""
+    layer = spec.layer
+    names = _all_names(graph)
+    for reserved in RESERVED:
+        if reserved not in names:
+            continue
+        if reserved in (data_input, spec.output):
+            raise UnsupportedModel(f"the model's {reserved!r} clashes with a gradient output name")
+        new = _unique(f"fwd/{reserved}", names)
+        names.add(new)
+        _rename(graph, reserved, new)
+        layer = new if layer == reserved else layer
+    return layer
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    name, count = base, 0
+    while name in taken:
+        count += 1
+        name = f"{base}_{count}"
+    return name
+
+
+def _rename(graph: onnx.GraphProto, old: str, new: str, *, keep_inputs: bool = False) -> None:
+    """Rename a tensor everywhere (but in the graph's inputs with `keep_inputs`)."""
+    for node in graph.node:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                if name == old:
+                    names[i] = new
+    inputs = [] if keep_inputs else graph.input
+    for values in (inputs, graph.output, graph.value_info, graph.initializer):
+        for value in values:
+            if value.name == old:
+                value.name = new
+
+
+def _dims(value: onnx.ValueInfoProto) -> Dims | None:
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim
+    )
+
+
+def _graph_info(model: onnx.ModelProto) -> GraphInfo:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # shape inference raises for models it finds inconsistent
+        raise UnsupportedModel(f"shape inference failed on the model: {exc}") from exc
+    graph = inferred.graph
+    shapes: dict[str, Dims] = {}
+    elem_types: dict[str, int] = {}
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        elem_types[value.name] = value.type.tensor_type.elem_type
+        dims = _dims(value)
+        if dims is not None:
+            shapes[value.name] = dims
+    initializers = {i.name: i for i in model.graph.initializer}
+    for init in initializers.values():
+        shapes[init.name] = tuple(init.dims)
+        elem_types[init.name] = init.data_type
+    return GraphInfo(shapes, elem_types, initializers, _constant_nodes(model.graph), _opset(model))
+
+
+def _constant_nodes(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    constants = {}
+    for node in graph.node:
+        if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
+            continue
+        attribute = node.attribute[0]
+        value = helper.get_attribute_value(attribute)
+        if attribute.name == "value":
+            constants[node.output[0]] = value
+        elif attribute.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            dtype = "float32" if "float" in attribute.name else "int64"
+            constants[node.output[0]] = numpy_helper.from_array(np.asarray(value, dtype=dtype))
+    return constants
+
+
+def _check_targets(
+    graph: onnx.GraphProto,
+    info: GraphInfo,
+    spec: GradientSpec,
+    layer: str | None,
+    data_input: str,
+) -> None:
+    produced = {o for n in graph.node for o in n.output if o}
+    if spec.output not in produced:
+        raise InvalidParameters(f"unknown output {spec.output!r}")
+    if info.elem_types.get(spec.output) != TensorProto.FLOAT:
+        raise UnsupportedModel(f"output {spec.output!r} is not a float32 tensor")
+    if len(info.shapes.get(spec.output, ())) != 2:
+        raise UnsupportedModel(f"output {spec.output!r} is not a [batch, classes] tensor")
+    if spec.wrt_input and not info.is_float(data_input):
+        raise UnsupportedModel(f"the model input {data_input!r} is not a float tensor")
+    if layer is None:
+        return
+    if layer not in produced and layer != data_input:
+        raise InvalidParameters(f"unknown layer {spec.layer!r}")
+    if not info.is_float(layer):
+        raise InvalidParameters(f"layer {spec.layer!r} is not a float tensor")
+    if layer not in _ancestors(graph.node, spec.output):
+        raise InvalidParameters(f"layer {spec.layer!r} does not lead to output {spec.output!r}")
+
+
+# --- the differentiated path -----------------------------------------------------------------
+
+
+def _check_float32(active: set[str], info: GraphInfo) -> None:
+    """The backward part is float32 throughout; double or half tensors on the path cannot mix."""
+    for name in sorted(active):
+        if info.elem_types.get(name, 0) not in (TensorProto.FLOAT, TensorProto.UNDEFINED):
+            raise UnsupportedModel(f"tensor {name!r} on the differentiated path is not float32")
+
+
+def _ancestors(nodes: Sequence[onnx.NodeProto], output: str) -> set[str]:
+    """Every tensor `output` is computed from (itself included)."""
+    needed = {output}
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            needed.update(i for i in node.input if i)
+    return needed
+
+
+def _active_tensors(
+    nodes: Sequence[onnx.NodeProto], sources: set[str], output: str, info: GraphInfo
+) -> set[str]:
+    """Float tensors that depend on a source and that the output depends on."""
+    reached = set(sources)
+    for node in nodes:
+        if any(i in reached for i in node.input if i):
+            reached.update(o for o in node.output if o and info.is_float(o))
+    return reached & _ancestors(nodes, output)
+
+
+def _backward(
+    graph: onnx.GraphProto,
+    output: str,
+    guided: bool,
+    active: set[str],
+    info: GraphInfo,
+    emit: Emitter,
+    targets: Sequence[str],
+) -> dict[str, str]:
+    """Emit the backward nodes; return the total gradient of each target."""
+    contributions: dict[str, list[str]] = {output: [SEED]}
+    totals: dict[str, str] = {}
+
+    def total(name: str) -> str | None:
+        if name not in totals and contributions.get(name):
+            parts = contributions[name]
+            totals[name] = parts[0] if len(parts) == 1 else emit.op("Sum", parts, name)
+        return totals.get(name)
+
+    for node in reversed(graph.node):
+        if not any(i in active for i in node.input) or not any(o in active for o in node.output):
+            continue
+        grads = [total(o) if o in active else None for o in node.output]
+        if all(g is None for g in grads):
+            continue
+        rule = RULES.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
+        if rule is None:
+            label = node.name or node.output[0]
+            raise UnsupportedModel(f"cannot differentiate {node.op_type} node {label!r}")
+        needs = [i in active for i in node.input]
+        ctx = NodeGrad(node, grads, needs, emit, info, guided)
+        for name, grad in zip(node.input, rule(ctx), strict=True):
+            if grad is not None and name in active:
+                contributions.setdefault(name, []).append(grad)
+    result = {}
+    for name in targets:
+        grad = total(name)
+        if grad is None:
+            raise UnsupportedModel(f"output {output!r} does not depend on {name!r}")
+        result[name] = grad
+    return result
+
+
+# --- assembly --------------------------------------------------------------------------------
+
+
+def _identity(emit: Emitter, source: str, target: str) -> onnx.NodeProto:
+    return helper.make_node("Identity", [source], [target], name=emit.fresh(target))
+
+
+def _value_info(name: str, dims: Sequence[int | str | None]) -> onnx.ValueInfoProto:
+    shape = [d if d is not None else None for d in dims]
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _batched(name: str, info: GraphInfo, like: str, batch: str) -> onnx.ValueInfoProto:
+    dims = info.shapes.get(like)
+    return _value_info(name, [batch, *dims[1:]] if dims else [batch])
+
+
+def _seed_info(info: GraphInfo, output: str, batch: str) -> onnx.ValueInfoProto:
+    classes = info.shapes[output][1]
+    return _value_info(SEED, [batch, classes if classes is not None else "classes"])
+
+
+def _fresh_dim(graph: onnx.GraphProto) -> str:
+    """A dim_param for the gradient batch M that no forward shape uses."""
+    used = {
+        d.dim_param
+        for v in [*graph.input, *graph.output, *graph.value_info]
+        for d in v.type.tensor_type.shape.dim
+    }
+    return _unique("seeds", used)
+
+
+def _assemble(
+    model: onnx.ModelProto,
+    data_input: str,
+    emit: Emitter,
+    outputs: list[onnx.ValueInfoProto],
+    seed: onnx.ValueInfoProto,
+) -> onnx.ModelProto:
+    graph = model.graph
+    nodes = _live_nodes([*graph.node, *emit.nodes], [o.name for o in outputs])
+    used = {i for n in nodes for i in n.input}
+    initializers = [i for i in [*graph.initializer, *emit.initializers] if i.name in used]
+    inputs = [i for i in graph.input if i.name == data_input] + [seed]
+    produced = {o for n in nodes for o in n.output}
+    value_info = [v for v in graph.value_info if v.name in produced]
+    new_graph = helper.make_graph(
+        nodes, f"{graph.name}-gradients", inputs, outputs, initializers, value_info=value_info
+    )
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    result.graph.CopyFrom(new_graph)
+    return result
+
+
+def _live_nodes(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str]) -> list[onnx.NodeProto]:
+    """The nodes the outputs need, in their original (topological) order."""
+    needed = set(outputs)
+    live = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+            for attribute in node.attribute:  # subgraphs may read outer-scope tensors
+                for sub in [attribute.g, *attribute.graphs]:
+                    needed.update(i for n in _walk(sub) for i in n.input)
+    return list(reversed(live))

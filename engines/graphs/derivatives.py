@@ -1,0 +1,353 @@
+"""Backward rules, one per op type: each returns the gradient of every input (None: none needed).
+
+A rule sees the gradients of the node's outputs (batch M) and may read the node's forward
+tensors (batch N, which is M or 1); it broadcasts the two on axis 0 and never uses N itself.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+
+from engines.graphs import masks, spatial
+from engines.graphs.context import (
+    FLT_MAX,
+    INT64_MAX,
+    Grads,
+    NodeGrad,
+    first_input_grad,
+    guided_filter,
+    reshape_like,
+    same_batch,
+    unbroadcast,
+    zero_grads,
+)
+
+Rule = Callable[[NodeGrad], Grads]
+
+
+# --- activations -----------------------------------------------------------------------------
+
+
+def relu(ctx: NodeGrad) -> Grads:
+    ctx.only_first_input()
+    mask = masks.above(ctx, ctx.node.output[0], 0.0)
+    return first_input_grad(ctx, ctx.op("Mul", [guided_filter(ctx, ctx.grad), mask]))
+
+
+def _scalar(ctx: NodeGrad, name: str) -> float | None:
+    value = ctx.info.constant(name)
+    return None if value is None or value.size != 1 else float(value.reshape(-1)[0])
+
+
+def clip(ctx: NodeGrad) -> Grads:
+    """The slope is 1 where the input was not clipped: low < y < high, read off the output.
+
+    Reading the output (not the input) keeps Conv+Clip fused in onnxruntime.
+    """
+    ctx.only_first_input()
+    y, low, high = ctx.node.output[0], ctx.input(1), ctx.input(2)
+    grad = guided_filter(ctx, ctx.grad)
+    if not low and not high:
+        return first_input_grad(ctx, grad)
+    low_value = _scalar(ctx, low) if low else None
+    high_value = _scalar(ctx, high) if high else None
+    if (low and low_value is None) or (high and high_value is None):
+        return first_input_grad(ctx, ctx.op("Mul", [grad, _inside(ctx, y, low, high)]))
+    factors = []
+    if low_value is not None:
+        factors.append(masks.above(ctx, y, low_value))
+    if high_value is not None:
+        factors.append(masks.below(ctx, y, high_value))
+    return first_input_grad(ctx, ctx.op("Mul", [grad, masks.product(ctx, *factors)]))
+
+
+def _inside(ctx: NodeGrad, y: str, low: str, high: str) -> str:
+    """The mask low < y < high for bounds computed at run time."""
+    above = ctx.op("Sub", [y, low]) if low else None
+    below = ctx.op("Sub", [high, y]) if high else None
+    # Both factors are >= 0, so their product is > 0 exactly when y is strictly inside.
+    margin = ctx.op("Mul", [above, below]) if above and below else above or below or y
+    return ctx.op("HardSigmoid", [margin], alpha=FLT_MAX, beta=0.0)
+
+
+def leaky_relu(ctx: NodeGrad) -> Grads:
+    ctx.only_first_input()
+    alpha = float(ctx.attr("alpha", 0.01))
+    if 0.0 < alpha <= 1.0:
+        # y has x's sign; Clip(huge * y, alpha, 1) is 1 for y > 0 and alpha otherwise.
+        slope = masks.ramp(ctx, ctx.node.output[0], masks.SLOPE, 0.0, alpha, 1.0)
+    else:
+        positive = ctx.op("Greater", [ctx.node.input[0], ctx.emit.scalar(0.0)])
+        slope = ctx.op("Where", [positive, ctx.emit.scalar(1.0), ctx.emit.scalar(alpha)])
+    return first_input_grad(ctx, ctx.op("Mul", [guided_filter(ctx, ctx.grad), slope]))
+
+
+def sigmoid(ctx: NodeGrad) -> Grads:
+    ctx.only_first_input()
+    y = ctx.node.output[0]
+    local = ctx.op("Mul", [y, masks.affine(ctx, y, -1.0, 1.0)])
+    return first_input_grad(ctx, ctx.op("Mul", [ctx.grad, local]))
+
+
+def hard_sigmoid(ctx: NodeGrad) -> Grads:
+    """Slope alpha where 0 < y < 1 (the linear part), else 0."""
+    ctx.only_first_input()
+    alpha = float(ctx.attr("alpha", 0.2))
+    y = ctx.node.output[0]
+    above_zero = masks.above(ctx, y, 0.0)
+    if alpha >= 0:
+        scaled_below_one = masks.ramp(ctx, y, -masks.SLOPE, masks.SLOPE, 0.0, alpha)
+    else:
+        scaled_below_one = masks.ramp(ctx, y, masks.SLOPE, -masks.SLOPE, alpha, 0.0)
+    local = ctx.op("Mul", [above_zero, scaled_below_one])
+    return first_input_grad(ctx, ctx.op("Mul", [ctx.grad, local]))
+
+
+def hard_swish(ctx: NodeGrad) -> Grads:
+    """y = x * clip(x / 6 + 1/2, 0, 1): slope 0 below -3, 1 from 3 on, x / 3 + 1/2 between.
+
+    As masks: clip(x / 3 + 1/2, -1/2, 3/2) * [x > -3] - 1/2 * [x >= 3].
+    """
+    ctx.only_first_input()
+    x = ctx.node.input[0]
+    line = masks.ramp(ctx, x, 1.0 / 3.0, 0.5, -0.5, 1.5)
+    middle = ctx.op("Mul", [line, masks.above(ctx, x, -3.0)])
+    local = ctx.op("Add", [middle, masks.at_least(ctx, x, 3.0, -0.5)])
+    return first_input_grad(ctx, ctx.op("Mul", [guided_filter(ctx, ctx.grad), local]))
+
+
+def softmax(ctx: NodeGrad) -> Grads:
+    ctx.only_first_input()
+    y = ctx.node.output[0]
+    axis = ctx.axis(int(ctx.attr("axis", -1)), ctx.rank(y))
+    weighted = ctx.op("Mul", [ctx.grad, y])
+    total = ctx.op("ReduceSum", [weighted, ctx.emit.ints([axis])], keepdims=1)
+    return first_input_grad(ctx, ctx.op("Mul", [y, ctx.op("Sub", [ctx.grad, total])]))
+
+
+def identity(ctx: NodeGrad) -> Grads:
+    ctx.only_first_input()
+    return first_input_grad(ctx, ctx.grad)
+
+
+def dropout(ctx: NodeGrad) -> Grads:
+    ctx.only_first_input()
+    training = ctx.info.constant(ctx.input(2)) if ctx.input(2) else None
+    if training is not None and bool(training):
+        raise ctx.fail("training mode")
+    return first_input_grad(ctx, ctx.grad)
+
+
+# --- broadcasting arithmetic -----------------------------------------------------------------
+
+
+def _binary(ctx: NodeGrad, grad_a: Callable[[], str], grad_b: Callable[[], str]) -> Grads:
+    """Each wanted operand's gradient, summed back to that operand's shape."""
+    out_dims = ctx.dims(ctx.node.output[0])
+    grads = zero_grads(ctx)
+    for index, make in enumerate((grad_a, grad_b)):
+        if ctx.needs[index]:
+            grads[index] = unbroadcast(ctx, make(), out_dims, ctx.node.input[index])
+    return grads
+
+
+def add(ctx: NodeGrad) -> Grads:
+    return _binary(ctx, lambda: ctx.grad, lambda: ctx.grad)
+
+
+def sub(ctx: NodeGrad) -> Grads:
+    return _binary(ctx, lambda: ctx.grad, lambda: ctx.op("Neg", [ctx.grad]))
+
+
+def mul(ctx: NodeGrad) -> Grads:
+    a, b = ctx.node.input[0], ctx.node.input[1]
+    return _binary(ctx, lambda: ctx.op("Mul", [ctx.grad, b]), lambda: ctx.op("Mul", [ctx.grad, a]))
+
+
+def div(ctx: NodeGrad) -> Grads:
+    b, y = ctx.node.input[1], ctx.node.output[0]
+    scaled: list[str] = []
+
+    def over_b() -> str:  # g / b, shared by both operands
+        if not scaled:
+            scaled.append(ctx.op("Div", [ctx.grad, b]))
+        return scaled[0]
+
+    # d(a / b) / db = -(a / b) / b = -y / b
+    return _binary(ctx, over_b, lambda: ctx.op("Neg", [ctx.op("Mul", [over_b(), y])]))
+
+
+# --- matrix products -------------------------------------------------------------------------
+
+
+def gemm(ctx: NodeGrad) -> Grads:
+    if ctx.needs[1]:
+        raise ctx.fail("its B operand depends on the input")
+    trans_a, trans_b = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
+    alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+    grads = zero_grads(ctx)
+    if ctx.needs[0]:
+        if trans_a:
+            raise ctx.fail("transA moves the batch axis")
+        b = ctx.node.input[1]
+        grads[0] = ctx.op("Gemm", [ctx.grad, b], alpha=alpha, transB=1 - trans_b)
+    if len(ctx.needs) > 2 and ctx.needs[2]:
+        scaled = ctx.op("Mul", [ctx.grad, ctx.emit.scalar(beta)])
+        grads[2] = unbroadcast(ctx, scaled, ctx.dims(ctx.node.output[0]), ctx.node.input[2])
+    return grads
+
+
+def _swap_last(ctx: NodeGrad, name: str) -> str:
+    rank = ctx.rank(name)
+    perm = [*range(rank - 2), rank - 1, rank - 2]
+    return ctx.op("Transpose", [name], perm=perm)
+
+
+def matmul(ctx: NodeGrad) -> Grads:
+    a, b = ctx.node.input[0], ctx.node.input[1]
+    a_dims, b_dims, out_dims = ctx.dims(a), ctx.dims(b), ctx.dims(ctx.node.output[0])
+    grads = zero_grads(ctx)
+    if ctx.needs[0]:
+        if len(a_dims) < 2:
+            raise ctx.fail("its A operand has no batch axis")
+        if len(b_dims) == 1:
+            grad = ctx.op("Mul", [ctx.op("Unsqueeze", [ctx.grad, ctx.emit.ints([-1])]), b])
+            grads[0] = grad
+        else:
+            grad = ctx.op("MatMul", [ctx.grad, _swap_last(ctx, b)])
+            grads[0] = unbroadcast(ctx, grad, (*out_dims[:-1], a_dims[-1]), a)
+    if ctx.needs[1]:
+        if len(b_dims) < 2:
+            raise ctx.fail("its B operand has no batch axis")
+        if len(a_dims) == 1:
+            raise ctx.fail("a vector times an input-dependent matrix mixes the batch")
+        grad = ctx.op("MatMul", [_swap_last(ctx, a), ctx.grad])
+        grads[1] = unbroadcast(ctx, grad, (*out_dims[:-2], b_dims[-2], out_dims[-1]), b)
+    return grads
+
+
+# --- shape ops -------------------------------------------------------------------------------
+
+
+def reshape(ctx: NodeGrad) -> Grads:
+    """Flatten, Reshape, Squeeze, Unsqueeze: the gradient takes the input's shape back."""
+    ctx.only_first_input()
+    x, y = ctx.node.input[0], ctx.node.output[0]
+    keep = same_batch(ctx, x, y)
+    return first_input_grad(ctx, reshape_like(ctx, ctx.grad, x, keep_batch=keep))
+
+
+def flatten(ctx: NodeGrad) -> Grads:
+    ctx.axis(int(ctx.attr("axis", 1)), ctx.rank(ctx.node.input[0]))
+    return reshape(ctx)
+
+
+def _constant_axes(ctx: NodeGrad, index: int, rank: int) -> list[int] | None:
+    """Axes from input `index` (or the attribute of opsets < 13), made non-negative."""
+    axes = ctx.attr("axes", None)
+    if axes is None and ctx.input(index):
+        value = ctx.info.constant(ctx.input(index))
+        if value is None:
+            raise ctx.fail("its axes are not a constant")
+        axes = value.reshape(-1).tolist()
+    return None if axes is None else [int(a) + rank if int(a) < 0 else int(a) for a in axes]
+
+
+def squeeze(ctx: NodeGrad) -> Grads:
+    x_dims = ctx.dims(ctx.node.input[0])
+    axes = _constant_axes(ctx, 1, len(x_dims))
+    if (axes is None and x_dims[0] == 1) or (axes is not None and 0 in axes):
+        raise ctx.fail("it squeezes the batch axis")
+    return reshape(ctx)
+
+
+def unsqueeze(ctx: NodeGrad) -> Grads:
+    if 0 in (_constant_axes(ctx, 1, ctx.rank(ctx.node.output[0])) or []):
+        raise ctx.fail("it moves the batch axis")
+    return reshape(ctx)
+
+
+def transpose(ctx: NodeGrad) -> Grads:
+    ctx.only_first_input()
+    rank = ctx.rank(ctx.node.input[0])
+    perm = list(ctx.attr("perm", list(reversed(range(rank)))))
+    if perm[0] != 0:
+        raise ctx.fail("it moves the batch axis")
+    inverse = np.argsort(perm).tolist()
+    return first_input_grad(ctx, ctx.op("Transpose", [ctx.grad], perm=inverse))
+
+
+def concat(ctx: NodeGrad) -> Grads:
+    rank = ctx.rank(ctx.node.output[0])
+    axis = ctx.axis(int(ctx.attr("axis", 0)), rank)
+    sizes = [ctx.dims(name)[axis] for name in ctx.node.input]
+    static = [size for size in sizes if isinstance(size, int)]
+    if len(static) != len(sizes):
+        raise ctx.fail("the sizes along its axis are not static")
+    parts = ctx.emit.ops(
+        "Split", [ctx.grad, ctx.emit.ints(static)], ctx.hint, len(sizes), axis=axis
+    )
+    return [part if need else None for part, need in zip(parts, ctx.needs, strict=True)]
+
+
+def pad(ctx: NodeGrad) -> Grads:
+    ctx.only_first_input()
+    if ctx.attr("mode", b"constant") not in (b"constant", "constant"):
+        raise ctx.fail("only constant padding is supported")
+    rank = ctx.rank(ctx.node.input[0])
+    pads = ctx.info.constant(ctx.input(1))
+    if pads is None:
+        raise ctx.fail("its pads are not a constant")
+    axes = _constant_axes(ctx, 3, rank) or list(range(rank))
+    begin, end = [0] * rank, [0] * rank
+    flat = pads.reshape(-1).tolist()
+    for i, axis in enumerate(axes):
+        begin[axis], end[axis] = int(flat[i]), int(flat[i + len(axes)])
+    if begin[0] or end[0]:
+        raise ctx.fail("it pads the batch axis")
+    if min(begin + end) >= 0:
+        return first_input_grad(ctx, _crop(ctx, begin, end))
+    undo = ctx.emit.ints([-p for p in begin + end])  # negative pads crop, positive ones refill
+    return first_input_grad(ctx, ctx.op("Pad", [ctx.grad, undo]))
+
+
+def _crop(ctx: NodeGrad, begin: list[int], end: list[int]) -> str:
+    axes = [a for a in range(len(begin)) if begin[a] or end[a]]
+    if not axes:
+        return ctx.grad
+    starts = [begin[a] for a in axes]
+    ends = [-end[a] if end[a] else INT64_MAX for a in axes]
+    emit = ctx.emit
+    return ctx.op("Slice", [ctx.grad, emit.ints(starts), emit.ints(ends), emit.ints(axes)])
+
+
+RULES: dict[str, Rule] = {
+    "Relu": relu,
+    "Clip": clip,
+    "LeakyRelu": leaky_relu,
+    "Sigmoid": sigmoid,
+    "HardSigmoid": hard_sigmoid,
+    "HardSwish": hard_swish,
+    "Softmax": softmax,
+    "Identity": identity,
+    "Dropout": dropout,
+    "Add": add,
+    "Sub": sub,
+    "Mul": mul,
+    "Div": div,
+    "Gemm": gemm,
+    "MatMul": matmul,
+    "Flatten": flatten,
+    "Reshape": reshape,
+    "Squeeze": squeeze,
+    "Unsqueeze": unsqueeze,
+    "Transpose": transpose,
+    "Concat": concat,
+    "Pad": pad,
+    "Conv": spatial.conv,
+    "ConvTranspose": spatial.conv_transpose,
+    "BatchNormalization": spatial.batch_norm,
+    "MaxPool": spatial.max_pool,
+    "AveragePool": spatial.average_pool,
+    "GlobalAveragePool": spatial.global_average_pool,
+}

@@ -1,0 +1,848 @@
+"""Gradient graphs (engines.graphs) against finite differences, numpy and closed forms.
+
+Every op case is a tiny graph `x -> op(s) -> h` followed by a fixed random read-out
+(Flatten + Gemm) to `logits`. Gradients come from onnxruntime running the gradient model in
+float32; the reference is a central difference of the same graph in float64 with
+onnx.reference, all perturbations evaluated as one batch. Inputs are random normals, which stay
+far (relative to the step) from the kinks of ReLU, Clip and MaxPool with overwhelming odds.
+"""
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from engines.errors import InvalidParameters, UnsupportedModel
+from engines.graphs import GradientSpec, build_gradient_model, supported_ops
+
+Array = npt.NDArray[Any]
+
+OPSET = 17
+CLASSES = 4
+STEP = 1e-5
+BATCH = 2
+
+
+def _array(*shape: int, seed: int = 0, scale: float = 1.0) -> Array:
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A graph from input `x` (per-sample shape `shape`) to a tensor `h`."""
+
+    name: str
+    shape: tuple[int, ...]
+    nodes: tuple[onnx.NodeProto, ...]
+    weights: dict[str, Array] = field(default_factory=dict)
+    scale: float = 1.0
+    reference: tuple[onnx.NodeProto, ...] = ()  # equal nodes for onnx.reference, if it lacks one
+
+    def for_reference(self) -> "Case":
+        if not self.reference:
+            return self
+        return Case(self.name, self.shape, self.reference, self.weights, self.scale)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def node(op_type: str, inputs: Sequence[str], output: str = "h", **attrs: Any) -> onnx.NodeProto:
+    return helper.make_node(op_type, list(inputs), [output], name=f"{output}/{op_type}", **attrs)
+
+
+def classifier(case: Case) -> onnx.ModelProto:
+    """The case's graph with a random linear read-out of `h` to `logits` [N, CLASSES]."""
+    inits = [numpy_helper.from_array(v, k) for k, v in case.weights.items()]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *case.shape])
+    head = helper.make_model(
+        helper.make_graph(list(case.nodes), "head", [x], [onnx.ValueInfoProto(name="h")], inits),
+        opset_imports=[helper.make_opsetid("", OPSET)],
+    )
+    inferred = onnx.shape_inference.infer_shapes(head, strict_mode=True)
+    dims = [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim[1:]]
+    features = int(np.prod(dims))
+    seed = zlib.crc32(case.name.encode())
+    readout = {
+        "readout/w": _array(CLASSES, features, seed=seed, scale=features**-0.5),
+        "readout/b": _array(CLASSES, seed=seed + 1),
+    }
+    nodes = [
+        *case.nodes,
+        node("Flatten", ["h"], "flat"),
+        node("Gemm", ["flat", "readout/w", "readout/b"], "logits", transB=1),
+    ]
+    inits += [numpy_helper.from_array(v, k) for k, v in readout.items()]
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])
+    graph = helper.make_graph(nodes, case.name, [x], [logits], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+# --- references ------------------------------------------------------------------------------
+
+
+def _to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for i, init in enumerate(graph.initializer):
+        if init.data_type == TensorProto.FLOAT:
+            array = numpy_helper.to_array(init).astype(np.float64)
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(array, init.name))
+    return result
+
+
+def _with_probe(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """A copy whose consumers of `tensor` read `tensor + probe`, `probe` being a new input."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    shape = next(v for v in values if v.name == tensor).type.tensor_type.shape
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph, probed = result.graph, f"{tensor}+probe"
+    for each in graph.node:
+        for i, name in enumerate(each.input):
+            if name == tensor:
+                each.input[i] = probed
+    produced_at = [i for i, n in enumerate(graph.node) if tensor in n.output]
+    position = produced_at[0] + 1 if produced_at else 0
+    graph.node.insert(position, helper.make_node("Add", [tensor, "probe"], [probed]))
+    probe = helper.make_tensor_value_info("probe", TensorProto.FLOAT, None)
+    probe.type.tensor_type.shape.CopyFrom(shape)
+    graph.input.append(probe)
+    return result
+
+
+def numeric_gradient(model: onnx.ModelProto, x: Array, seeds: Array, tensor: str = "x") -> Array:
+    """Central differences of sum_j seeds[m, j] * logits[n, j] w.r.t. `tensor`, in float64.
+
+    n = m when the batch equals the number of seeds, else n = 0 (one image, several seeds).
+    Every perturbation of every sample is one row of a single batch.
+    """
+    shape = tensor_value(model, tensor, x).shape[1:]
+    size = int(np.prod(shape))
+    steps = np.eye(size).reshape(size, *shape) * STEP
+    steps = np.concatenate([steps, -steps])
+    batch = x.shape[0]
+    feeds = {
+        "x": np.repeat(x.astype(np.float64), 2 * size, axis=0),
+        "probe": np.tile(steps, (batch,) + (1,) * len(shape)),
+    }
+    logits = _evaluate(_with_probe(model, tensor), "logits", feeds).reshape(batch, 2, size, -1)
+    slopes = (logits[:, 0] - logits[:, 1]) / (2 * STEP)  # [N, size, classes]
+    rows = [m if batch == len(seeds) else 0 for m in range(len(seeds))]
+    grads = [slopes[row] @ seed for row, seed in zip(rows, seeds.astype(np.float64), strict=True)]
+    return np.stack(grads).reshape(len(seeds), *shape)
+
+
+def tensor_value(model: onnx.ModelProto, tensor: str, x: Array) -> Array:
+    """A tensor of the graph, evaluated in float64 by onnx.reference."""
+    if tensor == "x":
+        return x.astype(np.float64)
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.append(onnx.ValueInfoProto(name=tensor))
+    return _evaluate(exposed, tensor, {"x": x.astype(np.float64)})
+
+
+def _evaluate(model: onnx.ModelProto, output: str, feeds: dict[str, Array]) -> Array:
+    results: Any = ReferenceEvaluator(_to_float64(model)).run([output], feeds)
+    return np.asarray(results[0])
+
+
+def run_gradients(
+    model: onnx.ModelProto, spec: GradientSpec, x: Array, seeds: Array
+) -> dict[str, Array]:
+    gradient_model = build_gradient_model(model, spec)
+    onnx.checker.check_model(gradient_model, full_check=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        gradient_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"x": x, "seed": seeds}), strict=True))
+
+
+def assert_close(actual: Array, expected: Array) -> None:
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4 * scale)
+
+
+# --- one case per op and attribute variant ---------------------------------------------------
+
+
+def w(*shape: int, seed: int = 1, scale: float = 0.5) -> Array:
+    return _array(*shape, seed=seed, scale=scale)
+
+
+def scalar(value: float) -> Array:
+    return np.array(value, np.float32)
+
+
+def ints(*values: int) -> Array:
+    return np.array(values, np.int64)
+
+
+IMAGE = (3, 7, 7)
+CONV = {"conv/w": w(4, 3, 3, 3)}
+RELU6 = {"lo": scalar(0.0), "hi": scalar(6.0)}
+
+CASES = [
+    # Conv: pads, strides with a remainder, groups, dilations, auto_pad, 1-D, computed kernels
+    Case(
+        "conv",
+        IMAGE,
+        (node("Conv", ["x", "conv/w", "conv/b"], pads=[1, 1, 1, 1]),),
+        {**CONV, "conv/b": w(4)},
+    ),
+    Case(
+        "conv_stride2_asymmetric_pads",
+        IMAGE,
+        (node("Conv", ["x", "conv/w"], strides=[2, 2], pads=[0, 1, 1, 0]),),
+        CONV,
+    ),
+    Case(
+        "conv_groups_dilation",
+        (4, 8, 8),
+        (node("Conv", ["x", "g/w"], group=2, dilations=[2, 2], pads=[2, 1, 2, 1]),),
+        {"g/w": w(6, 2, 3, 3)},
+    ),
+    Case(
+        "conv_depthwise_stride2",
+        (4, 7, 7),
+        (node("Conv", ["x", "dw/w"], group=4, strides=[2, 2], pads=[1, 1, 1, 1]),),
+        {"dw/w": w(4, 1, 3, 3)},
+    ),
+    Case(
+        "conv_depthwise_5x5_strides_3_2",
+        (4, 8, 9),
+        (node("Conv", ["x", "dw/w"], group=4, strides=[3, 2], pads=[2, 1, 2, 2]),),
+        {"dw/w": w(4, 1, 5, 5)},
+    ),
+    Case(
+        "conv_same_upper",
+        IMAGE,
+        (node("Conv", ["x", "conv/w"], strides=[2, 2], auto_pad="SAME_UPPER"),),
+        CONV,
+    ),
+    Case(
+        "conv_same_lower_even_kernel",
+        IMAGE,
+        (node("Conv", ["x", "k4/w"], strides=[2, 2], auto_pad="SAME_LOWER"),),
+        {"k4/w": w(2, 3, 4, 4)},
+    ),
+    Case(
+        "conv_valid",
+        IMAGE,
+        (node("Conv", ["x", "k2/w"], strides=[2, 2], auto_pad="VALID"),),
+        {"k2/w": w(2, 3, 2, 2)},
+    ),
+    Case(
+        "conv_pads_wider_than_kernel",
+        IMAGE,
+        (node("Conv", ["x", "k1/w"], pads=[2, 0, 0, 2]),),
+        {"k1/w": w(2, 3, 1, 1)},
+    ),
+    Case(
+        "conv_1x1_stride2",
+        IMAGE,
+        (node("Conv", ["x", "k1/w"], strides=[2, 2]),),
+        {"k1/w": w(5, 3, 1, 1)},
+    ),
+    Case(
+        "conv_computed_kernel",
+        (4, 7, 7),
+        (
+            node("Identity", ["k/w"], "kernel"),
+            node("Conv", ["x", "kernel"], group=2, strides=[2, 2], pads=[1, 0, 1, 1]),
+        ),
+        {"k/w": w(4, 2, 3, 3)},
+    ),
+    Case(
+        "conv_1d",
+        (3, 9),
+        (node("Conv", ["x", "c1/w"], strides=[2], pads=[1, 0]),),
+        {"c1/w": w(4, 3, 3)},
+    ),
+    # ConvTranspose
+    Case(
+        "conv_transpose_stride2",
+        (4, 4, 4),
+        (
+            node(
+                "ConvTranspose",
+                ["x", "t/w", "t/b"],
+                strides=[2, 2],
+                pads=[1, 1, 0, 0],
+                output_padding=[1, 0],
+            ),
+        ),
+        {"t/w": w(4, 3, 3, 3), "t/b": w(3)},
+    ),
+    # (onnx.reference's grouped ConvTranspose is broken, so groups are not checked here)
+    Case(
+        "conv_transpose_dilation",
+        (4, 4, 4),
+        (node("ConvTranspose", ["x", "t/w"], dilations=[2, 2], pads=[0, 1, 1, 0]),),
+        {"t/w": w(4, 2, 3, 3)},
+    ),
+    # Gemm and MatMul
+    Case(
+        "gemm_transb_alpha_beta",
+        (6,),
+        (node("Gemm", ["x", "m/w", "m/b"], transB=1, alpha=0.7, beta=1.3),),
+        {"m/w": w(5, 6), "m/b": w(5)},
+    ),
+    Case("gemm_plain", (6,), (node("Gemm", ["x", "m/w"]),), {"m/w": w(6, 5)}),
+    Case(
+        "gemm_input_dependent_bias",
+        (6,),
+        (
+            node("Gemm", ["x", "v/w"], "v"),
+            node("Sigmoid", ["v"], "c"),
+            node("Gemm", ["x", "m/w", "c"], beta=0.5),
+        ),
+        {"v/w": w(6, 5, seed=2), "m/w": w(6, 5)},
+    ),
+    Case("matmul_2d", (6,), (node("MatMul", ["x", "m/w"]),), {"m/w": w(6, 5)}),
+    Case("matmul_3d", (4, 3), (node("MatMul", ["x", "m/w"]),), {"m/w": w(3, 5)}),
+    Case("matmul_vector", (4, 3), (node("MatMul", ["x", "v"]),), {"v": w(3)}),
+    Case(
+        "matmul_both_operands",
+        (4, 3),
+        (node("Transpose", ["x"], "xt", perm=[0, 2, 1]), node("MatMul", ["x", "xt"])),
+    ),
+    # activations on feature maps (4-D) and on vectors (2-D)
+    Case("relu", IMAGE, (node("Relu", ["x"]),)),
+    Case("clip_relu6", IMAGE, (node("Clip", ["x", "lo", "hi"]),), RELU6, scale=4.0),
+    Case("clip_max_only", IMAGE, (node("Clip", ["x", "", "hi"]),), RELU6, scale=4.0),
+    Case("clip_min_only", IMAGE, (node("Clip", ["x", "lo"]),), {"lo": scalar(-0.5)}),
+    Case("clip_no_bounds", IMAGE, (node("Clip", ["x"]),)),
+    Case(
+        "clip_computed_bounds",
+        IMAGE,
+        (node("Identity", ["lo"], "low"), node("Clip", ["x", "low", "hi"])),
+        RELU6,
+        scale=4.0,
+    ),
+    Case("clip_relu6_2d", (6,), (node("Clip", ["x", "lo", "hi"]),), RELU6, scale=4.0),
+    Case("leaky_relu", IMAGE, (node("LeakyRelu", ["x"], alpha=0.1),)),
+    Case("leaky_relu_steep", IMAGE, (node("LeakyRelu", ["x"], alpha=2.0),)),
+    Case("leaky_relu_2d", (6,), (node("LeakyRelu", ["x"]),)),
+    Case("sigmoid", IMAGE, (node("Sigmoid", ["x"]),), scale=2.0),
+    Case("sigmoid_2d", (6,), (node("Sigmoid", ["x"]),), scale=2.0),
+    Case("hard_sigmoid", IMAGE, (node("HardSigmoid", ["x"]),), scale=4.0),
+    Case(
+        "hard_sigmoid_alpha_beta",
+        IMAGE,
+        (node("HardSigmoid", ["x"], alpha=0.5, beta=0.3),),
+        scale=2.0,
+    ),
+    Case("hard_sigmoid_negative_alpha", (6,), (node("HardSigmoid", ["x"], alpha=-0.4),), scale=3.0),
+    Case("hard_swish", IMAGE, (node("HardSwish", ["x"]),), scale=4.0),
+    Case("hard_swish_2d", (8,), (node("HardSwish", ["x"]),), scale=4.0),
+    Case("softmax_last_axis", IMAGE, (node("Softmax", ["x"]),)),
+    Case("softmax_2d", (6,), (node("Softmax", ["x"], axis=1),)),
+    Case("dropout", IMAGE, (node("Dropout", ["x", "ratio"]),), {"ratio": scalar(0.3)}),
+    Case("identity", IMAGE, (node("Identity", ["x"]),)),
+    # broadcasting arithmetic; both operands depend on the input
+    Case(
+        "mul_broadcast_spatial",
+        IMAGE,
+        (node("GlobalAveragePool", ["x"], "mean"), node("Mul", ["x", "mean"])),
+    ),
+    Case(
+        "add_broadcast_channels",
+        IMAGE,
+        (node("Conv", ["x", "one/w"], "one"), node("Add", ["x", "one"])),
+        {"one/w": w(1, 3, 1, 1)},
+    ),
+    Case(
+        "sub_broadcast_first",
+        IMAGE,
+        (node("GlobalAveragePool", ["x"], "mean"), node("Sub", ["mean", "x"])),
+    ),
+    Case(
+        "div_broadcast",
+        IMAGE,
+        (
+            node("GlobalAveragePool", ["x"], "mean"),
+            node("Sigmoid", ["mean"], "gate"),
+            node("Add", ["gate", "half"], "positive"),
+            node("Div", ["x", "positive"]),
+        ),
+        {"half": scalar(0.5)},
+    ),
+    Case(
+        "div_constant_numerator",
+        IMAGE,
+        (
+            node("Sigmoid", ["x"], "gate"),
+            node("Add", ["gate", "half"], "positive"),
+            node("Div", ["num", "positive"]),
+        ),
+        {"half": scalar(0.5), "num": w(3, 1, 1)},
+    ),
+    Case("mul_constant", IMAGE, (node("Mul", ["x", "s"]),), {"s": w(3, 1, 1)}),
+    Case("mul_square", IMAGE, (node("Mul", ["x", "x"]),)),
+    # normalisation and pooling
+    Case(
+        "batch_norm",
+        IMAGE,
+        (node("BatchNormalization", ["x", "bn/s", "bn/b", "bn/m", "bn/v"], epsilon=1e-3),),
+        {
+            "bn/s": w(3),
+            "bn/b": w(3, seed=2),
+            "bn/m": w(3, seed=3),
+            "bn/v": np.abs(w(3, seed=4)) + 0.5,
+        },
+    ),
+    Case("max_pool_2x2", (3, 6, 6), (node("MaxPool", ["x"], kernel_shape=[2, 2], strides=[2, 2]),)),
+    Case(
+        "max_pool_overlapping",
+        IMAGE,
+        (node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),),
+    ),
+    Case(
+        "max_pool_ceil",
+        (3, 6, 6),
+        (node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),),
+    ),
+    Case(
+        "max_pool_with_indices",
+        IMAGE,
+        (helper.make_node("MaxPool", ["x"], ["h", "idx"], kernel_shape=[3, 3], strides=[1, 1]),),
+    ),
+    Case(
+        "average_pool_include_pad",
+        IMAGE,
+        (
+            node(
+                "AveragePool",
+                ["x"],
+                kernel_shape=[3, 3],
+                strides=[2, 2],
+                pads=[1, 1, 1, 1],
+                count_include_pad=1,
+            ),
+        ),
+    ),
+    Case(
+        "average_pool_exclude_pad",
+        IMAGE,
+        (node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),),
+    ),
+    Case(
+        "average_pool_asymmetric",
+        IMAGE,
+        (node("AveragePool", ["x"], kernel_shape=[2, 3], strides=[2, 1], pads=[0, 1, 1, 1]),),
+    ),
+    Case(
+        "average_pool_ceil",
+        (3, 6, 6),
+        (node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),),
+    ),
+    Case("global_average_pool", IMAGE, (node("GlobalAveragePool", ["x"]),)),
+    # shape ops
+    Case("flatten", IMAGE, (node("Flatten", ["x"], axis=-3),)),
+    Case("reshape", IMAGE, (node("Reshape", ["x", "shape"]),), {"shape": ints(0, 21, -1)}),
+    Case("transpose", IMAGE, (node("Transpose", ["x"], perm=[0, 2, 3, 1]),)),
+    Case(
+        "concat_channels",
+        IMAGE,
+        (node("Conv", ["x", "two/w"], "two"), node("Concat", ["two", "x"], axis=1)),
+        {"two/w": w(2, 3, 1, 1)},
+    ),
+    Case(
+        "concat_last_axis", IMAGE, (node("Relu", ["x"], "r"), node("Concat", ["x", "r"], axis=-1))
+    ),
+    Case(
+        "pad",
+        IMAGE,
+        (node("Pad", ["x", "pads", "value"]),),
+        {"pads": ints(0, 0, 1, 2, 0, 0, 2, 1), "value": scalar(0.5)},
+    ),
+    Case(
+        "pad_negative",
+        IMAGE,
+        (node("Pad", ["x", "pads"]),),
+        {
+            "pads": ints(0, 0, -1, 1, 0, 0, 1, -2),
+            "starts": ints(1, 0),
+            "ends": ints(7, 5),
+            "axes": ints(2, 3),
+            "pads2": ints(0, 0, 0, 1, 0, 0, 1, 0),
+        },
+        reference=(
+            node("Slice", ["x", "starts", "ends", "axes"], "cut"),
+            node("Pad", ["cut", "pads2"]),
+        ),
+    ),
+    Case("squeeze", (3, 1, 5), (node("Squeeze", ["x", "axes"]),), {"axes": ints(2)}),
+    Case("unsqueeze", IMAGE, (node("Unsqueeze", ["x", "axes"]),), {"axes": ints(2)}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_input_gradient_matches_finite_differences(case: Case) -> None:
+    model = classifier(case)
+    x = _array(BATCH, *case.shape, seed=7, scale=case.scale)
+    seeds = _array(BATCH, CLASSES, seed=8)
+    outputs = run_gradients(model, GradientSpec("logits", wrt_input=True), x, seeds)
+    assert list(outputs) == ["logits", "grad_input"]
+    assert outputs["grad_input"].shape == x.shape
+    expected = numeric_gradient(classifier(case.for_reference()), x, seeds)
+    assert_close(outputs["grad_input"], expected)
+
+
+# --- layer gradients, seeds and batches -------------------------------------------------------
+
+NETWORK = Case(
+    "network",
+    (3, 6, 6),
+    (
+        node("Conv", ["x", "c1/w", "c1/b"], "c1", pads=[1, 1, 1, 1]),
+        node("Relu", ["c1"], "mid"),
+        node("Conv", ["mid", "c2/w", "c2/b"], "c2", pads=[1, 1, 1, 1], group=2),
+        node("Add", ["c2", "mid"], "res"),
+        node("Clip", ["res", "lo", "hi"], "act"),
+        node("GlobalAveragePool", ["act"], "gate"),
+        node("Mul", ["act", "gate"], "scaled"),
+        node("MaxPool", ["scaled"], "h", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+    ),
+    # (a bias after the ReLU keeps Clip's input off its kink where a whole window was cut)
+    {
+        "c1/w": w(4, 3, 3, 3),
+        "c1/b": w(4, seed=2),
+        "c2/w": w(4, 2, 3, 3, seed=3),
+        "c2/b": w(4, seed=4),
+        "lo": scalar(0.0),
+        "hi": scalar(1.5),
+    },
+)
+
+
+@pytest.mark.parametrize("wrt_input", [False, True])
+def test_layer_gradient_matches_finite_differences(wrt_input: bool) -> None:
+    model = classifier(NETWORK)
+    x = _array(BATCH, *NETWORK.shape, seed=7)
+    seeds = _array(BATCH, CLASSES, seed=8)
+    spec = GradientSpec("logits", layer="mid", wrt_input=wrt_input)
+    outputs = run_gradients(model, spec, x, seeds)
+    expected_names = ["logits", "activation", "grad_layer"] + (["grad_input"] if wrt_input else [])
+    assert list(outputs) == expected_names
+    assert_close(outputs["activation"], tensor_value(model, "mid", x))
+    assert_close(outputs["grad_layer"], numeric_gradient(model, x, seeds, "mid"))
+    if wrt_input:
+        assert_close(outputs["grad_input"], numeric_gradient(model, x, seeds))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        GradientSpec("logits", layer="mid"),
+        GradientSpec("logits", layer="act", wrt_input=True),
+        GradientSpec("logits", wrt_input=True, guided=True),
+        GradientSpec("logits", layer="act", wrt_input=True, tile_input=True),
+    ],
+    ids=["layer", "layer_and_input", "guided_input", "tiled"],
+)
+def test_several_seeds_for_one_image_equal_separate_runs(spec: GradientSpec) -> None:
+    model = classifier(NETWORK)
+    x = _array(1, *NETWORK.shape, seed=7)
+    seeds = _array(3, CLASSES, seed=9)
+    together = run_gradients(model, spec, x, seeds)
+    names = [n for n in ("grad_layer", "grad_input") if n in together]
+    for m in range(3):
+        alone = run_gradients(model, spec, x, seeds[m : m + 1])
+        np.testing.assert_allclose(together["logits"], alone["logits"], rtol=1e-6)
+        for name in names:
+            assert together[name].shape[0] == 3
+            np.testing.assert_allclose(together[name][m], alone[name][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tile_input", [True, False])
+def test_several_seeds_for_one_image_match_finite_differences(tile_input: bool) -> None:
+    case = Case(
+        "broadcasting",
+        (4, 3),
+        (
+            node("Transpose", ["x"], "xt", perm=[0, 2, 1]),
+            node("MatMul", ["x", "xt"], "gram"),
+            node("Softmax", ["gram"], "attention"),
+            node("MatMul", ["attention", "x"], "mixed"),
+            node("Unsqueeze", ["mixed", "axis"], "image"),
+            node("MaxPool", ["image"], "h", kernel_shape=[2, 2], strides=[1, 1]),
+        ),
+        {"axis": ints(1)},
+    )
+    model = classifier(case)
+    x = _array(1, *case.shape, seed=3)
+    seeds = _array(3, CLASSES, seed=4)
+    spec = GradientSpec("logits", wrt_input=True, tile_input=tile_input)
+    outputs = run_gradients(model, spec, x, seeds)
+    assert_close(outputs["grad_input"], numeric_gradient(model, x, seeds))
+
+
+def test_untiled_seeds_may_be_computed_from_the_output() -> None:
+    """Without tiling the seed can be replaced by a function of the scores (in-graph top-k)."""
+    model = classifier(NETWORK)
+    x = _array(1, *NETWORK.shape, seed=7)
+    spec = GradientSpec("logits", layer="mid", wrt_input=True)
+    gradient_model = build_gradient_model(model, spec)
+    graph = gradient_model.graph
+    kept = [i for i in graph.input if i.name != "seed"]
+    del graph.input[:]
+    graph.input.extend(kept)
+    producer = next(i for i, n in enumerate(graph.node) if "logits" in n.output)
+    graph.node.insert(producer + 1, node("Softmax", ["logits"], "seed"))
+    onnx.checker.check_model(gradient_model, full_check=True)
+    session = ort.InferenceSession(
+        gradient_model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    logits, _, grad_layer, grad_input = session.run(None, {"x": x})
+    seeds = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    expected = run_gradients(model, spec, x, seeds.astype(np.float32))
+    assert_close(grad_layer, expected["grad_layer"])
+    assert_close(grad_input, expected["grad_input"])
+
+
+def test_backward_stops_at_the_layer() -> None:
+    """The layer's gradient needs nothing upstream of it, even what cannot be differentiated."""
+    case = Case(
+        "stops",
+        IMAGE,
+        (
+            node("Sin", ["x"], "wave"),
+            node("Conv", ["wave", "conv/w"], "features", pads=[1, 1, 1, 1]),
+            node("Relu", ["features"], "h"),
+        ),
+        CONV,
+    )
+    model = classifier(case)
+    gradient_model = build_gradient_model(model, GradientSpec("logits", layer="h"))
+    backward = {n.op_type for n in gradient_model.graph.node if n.name.startswith("grad/")}
+    assert backward <= {"Gemm", "Reshape", "Identity"}
+    with pytest.raises(UnsupportedModel, match=r"Sin node 'wave/Sin'"):
+        build_gradient_model(model, GradientSpec("logits", layer="h", wrt_input=True))
+
+
+# --- guided backprop -------------------------------------------------------------------------
+
+
+def _hard_swish_slope(x: Array) -> Array:
+    return np.where(x < -3, 0.0, np.where(x >= 3, 1.0, x / 3 + 0.5))
+
+
+def test_guided_gradient_matches_numpy() -> None:
+    weights = {f"w{i}": w(8, 8, seed=20 + i, scale=0.6) for i in range(3)}
+    case = Case(
+        "guided",
+        (8,),
+        (
+            node("Gemm", ["x", "w0"], "z1", transB=1),
+            node("Relu", ["z1"], "a1"),
+            node("Gemm", ["a1", "w1"], "z2", transB=1),
+            node("Clip", ["z2", "lo", "hi"], "a2"),
+            node("Gemm", ["a2", "w2"], "z3", transB=1),
+            node("HardSwish", ["z3"], "h"),
+        ),
+        {**weights, **RELU6},
+        scale=3.0,
+    )
+    model = classifier(case)
+    x = _array(BATCH, 8, seed=5, scale=3.0)
+    seeds = _array(BATCH, CLASSES, seed=6)
+    spec = GradientSpec("logits", layer="z1", wrt_input=True, guided=True)
+    outputs = run_gradients(model, spec, x, seeds)
+
+    z1, z2, z3 = (tensor_value(model, name, x) for name in ("z1", "z2", "z3"))
+    readout = numpy_helper.to_array(
+        next(i for i in model.graph.initializer if i.name == "readout/w")
+    )
+    grad = seeds.astype(np.float64) @ readout
+    grad = np.maximum(grad, 0) * _hard_swish_slope(z3)
+    grad = np.maximum(grad @ weights["w2"], 0) * ((z2 > 0) & (z2 < 6))
+    grad_a1 = grad @ weights["w1"]
+    grad_z1 = np.maximum(grad_a1, 0) * (z1 > 0)
+    assert_close(outputs["grad_layer"], grad_z1)
+    assert_close(outputs["grad_input"], grad_z1 @ weights["w0"])
+    # Negative gradients do not pass the ReLU, even where it was open.
+    assert (outputs["grad_layer"] >= 0).all()
+    assert ((grad_a1 < 0) & (z1 > 0)).any()
+
+
+def test_guided_rule_on_feature_maps() -> None:
+    """Across c1 -> Relu -> mid the guided gradient is max(gradient at mid, 0) where mid > 0."""
+    model = classifier(NETWORK)
+    x = _array(BATCH, *NETWORK.shape, seed=7)
+    seeds = _array(BATCH, CLASSES, seed=8)
+    below = run_gradients(model, GradientSpec("logits", layer="c1", guided=True), x, seeds)
+    above = run_gradients(model, GradientSpec("logits", layer="mid", guided=True), x, seeds)
+    at_mid, open_ = above["grad_layer"], tensor_value(model, "mid", x) > 0
+    assert (at_mid[open_] < 0).any()  # something for the rule to stop
+    assert_close(below["grad_layer"], np.maximum(at_mid, 0) * open_)
+
+
+# --- what cannot be differentiated ---------------------------------------------------------
+
+
+def test_an_op_without_a_rule_on_the_path_is_named() -> None:
+    case = Case("sin", IMAGE, (node("Sin", ["x"], "wave"), node("Relu", ["wave"])))
+    with pytest.raises(UnsupportedModel, match=r"cannot differentiate Sin node 'wave/Sin'"):
+        build_gradient_model(classifier(case), GradientSpec("logits", wrt_input=True))
+
+
+def test_ops_off_the_path_are_ignored() -> None:
+    """An ArgMax on a side branch and a Sin feeding only another output need no gradient."""
+    model = classifier(Case("side", IMAGE, (node("Relu", ["x"]),)))
+    graph = model.graph
+    graph.node.extend([node("ArgMax", ["h"], "winner", axis=1), node("Sin", ["logits"], "other")])
+    graph.output.extend([onnx.ValueInfoProto(name="winner"), onnx.ValueInfoProto(name="other")])
+    x = _array(BATCH, *IMAGE, seed=1)
+    seeds = _array(BATCH, CLASSES, seed=2)
+    outputs = run_gradients(model, GradientSpec("logits", layer="h", wrt_input=True), x, seeds)
+    assert list(outputs) == ["logits", "activation", "grad_layer", "grad_input"]
+    assert_close(outputs["grad_input"], numeric_gradient(model, x, seeds))
+
+
+def test_supported_ops_cover_the_required_ones() -> None:
+    required = {
+        "Conv", "ConvTranspose", "Gemm", "MatMul", "Relu", "Clip", "LeakyRelu", "Sigmoid",
+        "HardSigmoid", "HardSwish", "Mul", "Add", "Sub", "Div", "BatchNormalization", "MaxPool",
+        "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Transpose", "Concat", "Pad",
+        "Squeeze", "Unsqueeze", "Softmax", "Dropout", "Identity",
+    }  # fmt: skip
+    assert required <= set(supported_ops())
+
+
+def test_an_unknown_layer_is_invalid() -> None:
+    model = classifier(Case("relu", IMAGE, (node("Relu", ["x"]),)))
+    with pytest.raises(InvalidParameters, match="no_such_layer"):
+        build_gradient_model(model, GradientSpec("logits", layer="no_such_layer"))
+    with pytest.raises(InvalidParameters, match="nothing to differentiate"):
+        build_gradient_model(model, GradientSpec("logits"))
+
+
+def test_internal_names_that_clash_with_new_ones_are_renamed() -> None:
+    case = Case("clash", IMAGE, (node("Relu", ["x"], "seed"), node("Sigmoid", ["seed"])))
+    model = classifier(case)
+    x = _array(BATCH, *IMAGE, seed=1)
+    seeds = _array(BATCH, CLASSES, seed=2)
+    outputs = run_gradients(model, GradientSpec("logits", layer="seed", wrt_input=True), x, seeds)
+    assert_close(outputs["activation"], tensor_value(model, "seed", x))
+    assert_close(outputs["grad_input"], numeric_gradient(model, x, seeds))
+
+
+@pytest.mark.parametrize(
+    ("case", "opset", "expected"),
+    [
+        (NETWORK, 13, 16),  # MaxPool's gradient needs ScatterElements(reduction="add")
+        (CASES[0], 11, 13),
+        (CASES[0], 14, 14),  # below 15, Shape has no start/end
+    ],
+    ids=["maxpool_13", "conv_11", "conv_14"],
+)
+def test_opsets(case: Case, opset: int, expected: int) -> None:
+    model = classifier(case)
+    model.opset_import[0].version = opset  # these ops read the same at every opset here
+    x = _array(BATCH, *case.shape, seed=7)
+    seeds = _array(BATCH, CLASSES, seed=8)
+    spec = GradientSpec("logits", wrt_input=True, tile_input=True)  # tiling reads Shape
+    assert build_gradient_model(model, spec).opset_import[0].version == expected
+    outputs = run_gradients(model, spec, x, seeds)
+    assert_close(outputs["grad_input"], numeric_gradient(model, x, seeds))
+
+
+# --- the default model -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lite0(default_model_dir: Path) -> onnx.ModelProto:
+    return onnx.load(str(default_model_dir / "efficientnet-lite0" / "model.onnx"))
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def test_lite0_input_gradient_matches_directional_differences(lite0: onnx.ModelProto) -> None:
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
+    forward = _session(lite0)
+    logits = forward.run(None, {"input": x})[0]
+    target = int(np.argmax(logits[0]))
+    seed = np.zeros((1, 1000), np.float32)
+    seed[0, target] = 1.0
+    gradient_model = build_gradient_model(lite0, GradientSpec("logits", wrt_input=True))
+    onnx.checker.check_model(gradient_model)
+    scores, grad = _session(gradient_model).run(None, {"input": x, "seed": seed})
+    np.testing.assert_allclose(scores, logits, rtol=1e-5, atol=1e-5)
+    for i in range(3):
+        rng = np.random.default_rng(10 + i)
+        # Half along a random reweighting of the gradient, half pure noise: a purely random
+        # direction in 150k dimensions sees ~1/400 of the gradient, below float32 noise.
+        aligned = grad * rng.uniform(0, 1, x.shape).astype(np.float32)
+        noise = rng.normal(size=x.shape).astype(np.float32)
+        direction = aligned / np.linalg.norm(aligned) + noise / np.linalg.norm(noise)
+        direction /= np.linalg.norm(direction)
+        eps = 3e-3  # (1e-2 also passes; the error shrinks with eps: kinks, not the gradient)
+        up = forward.run(None, {"input": x + eps * direction})[0][0, target]
+        down = forward.run(None, {"input": x - eps * direction})[0][0, target]
+        numeric = float(up - down) / (2 * eps)
+        analytic = float(np.sum(grad * direction))
+        assert abs(numeric - analytic) < 2e-2 * abs(numeric), (i, numeric, analytic)
+
+
+def test_lite0_gradcam_layer_gradient_is_the_fc_row_over_49(lite0: onnx.ModelProto) -> None:
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
+    classes = [3, 281, 999]
+    seeds = np.zeros((3, 1000), np.float32)
+    seeds[np.arange(3), classes] = 1.0
+    gradient_model = build_gradient_model(lite0, GradientSpec("logits", layer="head/relu6"))
+    backward = [n.op_type for n in gradient_model.graph.node if n.name.startswith("grad/")]
+    # Gemm, Flatten and GlobalAveragePool backwards, then the outputs
+    assert set(backward) <= {"Gemm", "Reshape", "Mul", "Expand", "Identity"}, backward
+    logits, activation, grad = _session(gradient_model).run(None, {"input": x, "seed": seeds})
+    assert logits.shape == (1, 1000)
+    assert activation.shape == (1, 1280, 7, 7)
+    assert activation.min() >= 0
+    assert activation.max() <= 6
+    fc = numpy_helper.to_array(next(i for i in lite0.graph.initializer if i.name == "fc/weight"))
+    expected = np.broadcast_to(fc[classes][:, :, None, None] / 49.0, (3, 1280, 7, 7))
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("tile_input", [False, True])
+def test_lite0_several_seeds_saliency_equals_separate_runs(
+    lite0: onnx.ModelProto, tile_input: bool
+) -> None:
+    x = np.random.default_rng(2).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
+    seeds = np.zeros((2, 1000), np.float32)
+    seeds[0, 7], seeds[1, 400] = 1.0, 1.0
+    spec = GradientSpec("logits", wrt_input=True, tile_input=tile_input)
+    session = _session(build_gradient_model(lite0, spec))
+    logits, together = session.run(None, {"input": x, "seed": seeds})
+    assert logits.shape == (1, 1000)
+    for m in range(2):
+        alone = session.run(None, {"input": x, "seed": seeds[m : m + 1]})[1]
+        np.testing.assert_allclose(together[m], alone[0], rtol=1e-4, atol=1e-7)
