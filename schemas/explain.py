@@ -5,9 +5,17 @@ Each method validates its own `params`; the envelope bounds their size.
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.heatmap import Heatmap
+from schemas.heatmap import (
+    MAX_JSON_VALUES,
+    PNG_FORMATS,
+    ColormapName,
+    FloatDtype,
+    Heatmap,
+    HeatmapFormat,
+    Normalization,
+)
 from schemas.predict import IMAGE_FIELD_DESCRIPTION, MAX_IMAGE_BASE64_CHARS, Prediction
 
 ExplainMethod = Literal[
@@ -37,14 +45,70 @@ Target = Annotated[
 ]
 
 
+MAX_FORMATS = 6
+MAX_OUTPUT_SIDE = 4096
+
+OutputSide = Annotated[int, Field(ge=1, le=MAX_OUTPUT_SIDE)]
+OutputSize = Annotated[
+    Literal["input", "model"] | tuple[OutputSide, OutputSide],
+    Field(union_mode="left_to_right"),
+]
+FormatList = Annotated[list[HeatmapFormat], Field(min_length=1, max_length=MAX_FORMATS)]
+
+
 class OutputOptions(BaseModel):
+    """How each map is rendered; every explanation gets one payload per requested format."""
+
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["png", "array"] = "png"
-    size: Literal["input", "model"] = Field(
-        default="input",
-        description="`input`: the uploaded image's size; `model`: the model's input size.",
+    format: HeatmapFormat | FormatList = Field(
+        default="png",
+        union_mode="left_to_right",
+        description="One format or a list of distinct formats: `png` (8-bit gray), `png16` "
+        "(16-bit gray), `colormap` (RGB), `overlay` (the colored map on the image), `array` "
+        f"(base64 floats), `json` (nested lists, at most {MAX_JSON_VALUES} values a map).",
     )
+    size: OutputSize = Field(
+        default="input",
+        description="`input`: the uploaded image's size; `model`: the model's input size (the "
+        "image as the model saw it); `[h, w]`: the uploaded image's geometry at h x w.",
+    )
+    normalize: Normalization = Field(
+        default="minmax",
+        description="`minmax`, `percentile` (clip above `percentile`, then min-max), `signed` "
+        "(0 -> 0.5) or `none` (raw values; only for `array` and `json`).",
+    )
+    percentile: float = Field(
+        default=99.0, gt=0.0, le=100.0, description="The clipping percentile of `percentile`."
+    )
+    colormap: ColormapName = Field(default="jet", description="For `colormap` and `overlay`.")
+    alpha: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Opacity of the map in `overlay`."
+    )
+    dtype: FloatDtype = Field(default="float32", description="For `array`.")
+
+    @field_validator("format")
+    @classmethod
+    def _distinct(
+        cls, value: HeatmapFormat | list[HeatmapFormat]
+    ) -> HeatmapFormat | list[HeatmapFormat]:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError("formats must be distinct")
+        return value
+
+    @model_validator(mode="after")
+    def _images_need_a_range(self) -> "OutputOptions":
+        images = [fmt for fmt in self.formats if fmt in PNG_FORMATS]
+        if self.normalize == "none" and images:
+            raise ValueError(
+                f"normalize `none` keeps raw values, which {', '.join(images)} cannot hold; "
+                "use it with `array` or `json` only"
+            )
+        return self
+
+    @property
+    def formats(self) -> list[HeatmapFormat]:
+        return [self.format] if isinstance(self.format, str) else list(self.format)
 
 
 class ExplainRequest(BaseModel):
@@ -57,7 +121,7 @@ class ExplainRequest(BaseModel):
                     "method": "gradcam",
                     "top_k": 1,
                     "params": {},
-                    "output": {"format": "png"},
+                    "output": {"format": ["overlay", "array"], "normalize": "minmax"},
                 }
             ]
         },
@@ -82,7 +146,12 @@ class ExplainRequest(BaseModel):
 class Explanation(BaseModel):
     target: int = Field(ge=0)
     label: str
-    heatmap: Heatmap
+    heatmap: Heatmap = Field(description="The payload of the first requested format.")
+    heatmaps: list[Heatmap] = Field(
+        min_length=1,
+        max_length=MAX_FORMATS,
+        description="The payloads of every requested format, in request order.",
+    )
 
 
 class ExplainResponse(BaseModel):

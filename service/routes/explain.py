@@ -7,14 +7,13 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from engines.explain import Explained
-from engines.images import decode_image, input_region, preprocess
+from engines.images import decode_image, preprocess
 from engines.methods import EXPLAINERS
 from engines.model import LoadedModel
-from engines.render import to_image_geometry
 from schemas.explain import ExplainRequest, ExplainResponse, Explanation, OutputOptions
 from schemas.predict import Prediction
 from service.errors import InvalidRequest
-from service.heatmaps import heatmap_payload
+from service.heatmaps import check_output, render_maps
 from service.inputs import describe_validation_error, read_image_request
 from service.routes.models import ERRORS, ModelName
 from service.state import State
@@ -32,7 +31,7 @@ EXPLAIN_REQUEST_BODY: dict[str, object] = {
                     "method": "gradcam",
                     "top_k": 1,
                     "params": {},
-                    "output": {"format": "png", "size": "input"},
+                    "output": {"format": ["overlay", "array"], "size": "input"},
                 },
             },
             "multipart/form-data": {
@@ -72,21 +71,17 @@ def _resolve_targets(model: LoadedModel, request: ExplainRequest) -> list[int] |
 def _render(
     explained: Explained, model: LoadedModel, image: np.ndarray, output: OutputOptions
 ) -> list[Explanation]:
-    height, width = image.shape[:2]
-    region = input_region(height, width, model.config.input)
-    explanations = []
-    for target_map in explained.maps:
-        heatmap = target_map.heatmap
-        if output.size == "input":
-            heatmap = to_image_geometry(heatmap, region, height, width)
-        explanations.append(
-            Explanation(
-                target=target_map.target,
-                label=model.label(target_map.target),
-                heatmap=heatmap_payload(heatmap, output.format),
-            )
+    maps = [target_map.heatmap for target_map in explained.maps]
+    rendered = render_maps(maps, image, model.config.input, output)
+    return [
+        Explanation(
+            target=target_map.target,
+            label=model.label(target_map.target),
+            heatmap=payloads[0],
+            heatmaps=payloads,
         )
-    return explanations
+        for target_map, payloads in zip(explained.maps, rendered, strict=True)
+    ]
 
 
 @router.post(
@@ -107,6 +102,7 @@ async def explain(name: ModelName, request: Request, state: State) -> ExplainRes
         raise InvalidRequest("params." + describe_validation_error(exc)) from exc
     targets = _resolve_targets(model, parsed)
     image = await anyio.to_thread.run_sync(decode_image, image_bytes, state.image_limits)
+    check_output(parsed.output, image.shape, model.config.input)
     tensor = preprocess([image], model.config.input)
     decoded = time.perf_counter()
     explained = await anyio.to_thread.run_sync(
