@@ -9,8 +9,9 @@ MODELS ?= models
 HOST ?= 127.0.0.1
 PORT ?= 8000
 DEFAULT_MODEL := $(MODELS)/efficientnet-lite0/model.onnx
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: serve test lint typecheck unit model clean
+.PHONY: serve test lint typecheck unit browser model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +40,22 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
-unit: $(VENV)/.installed-dev
+# tests/test_browser.py drives Debian's Chromium through Playwright (which never downloads a
+# browser here). Installing it needs root or password-less sudo; when that fails, the browser
+# tests are skipped and say why.
+browser:
+	@if [ -x $(CHROMIUM) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "make: $(CHROMIUM) is missing and installing it needs root or sudo -n:" \
+	  "the browser tests will be skipped (apt-get install -y chromium)"; exit 0; fi; \
+	echo "make: installing Debian's chromium for the browser tests"; \
+	apt="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get"; \
+	$$apt install -y -qq chromium >/dev/null 2>&1 || \
+	  { $$apt update -qq && $$apt install -y -qq chromium; } || \
+	  echo "make: could not install chromium with apt-get: the browser tests will be skipped"
+
+unit: $(VENV)/.installed-dev browser
 	$(BIN)/pytest
 
 test: lint typecheck unit

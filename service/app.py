@@ -4,9 +4,12 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from engines.explain import WorkLimits
 from engines.images import ImageLimits
@@ -23,6 +26,9 @@ Explains what an image-classification CNN looked at, for any ONNX model.
 
 Every error answers `{"error": {"code": "...", "message": "..."}}`.
 """
+
+# The web page: plain HTML/JS/CSS shipped as package data (`[tool.setuptools.package-data]`).
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def build_repository(settings: Settings) -> ModelRepository:
@@ -72,6 +78,12 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(explain.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
     return app
 
 
