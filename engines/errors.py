@@ -68,3 +68,15 @@ class TooMuchWork(EngineError):
     """The request would cost more than the configured limits allow."""
 
     code = "too_much_work"
+
+
+class DeadlineExceeded(EngineError):
+    """The request's deadline passed; its onnxruntime work was terminated."""
+
+    code = "deadline_exceeded"
+
+
+class Overloaded(EngineError):
+    """The queue for this work is full; the caller should retry later."""
+
+    code = "overloaded"

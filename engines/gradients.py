@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +18,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from engines.batcher import BatchPolicy, MicroBatcher
 from engines.errors import InvalidParameters
 from engines.graphs import GradientSpec, build_gradient_model
 from engines.runtime import ModelSession, RuntimeOptions
 
 PREPARED_FOLDER = "gradients"
+# Bumped whenever the graphs we build change shape, so stale cached files are never reused.
+GRAPH_FORMAT = "g2"
 SEED_INPUT = "seed"
 TOP_K_INPUT = "top_k"
 TARGETS_OUTPUT = "targets"
@@ -37,7 +41,7 @@ class GraphKey:
     so a request without explicit targets still costs a single run."""
 
     def file_name(self, model_sha256: str) -> str:
-        parts = [model_sha256[:16]]
+        parts = [model_sha256[:16], GRAPH_FORMAT]
         if self.layer is not None:
             slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.layer)[:48]
             digest = hashlib.sha256(self.layer.encode()).hexdigest()[:8]
@@ -60,9 +64,26 @@ class GradientResult:
     grad_layer: np.ndarray | None
     grad_input: np.ndarray | None
 
+    def row(self, index: int) -> "GradientResult":
+        """The result of image `index` of a batch run with one seed per image."""
+        window = slice(index, index + 1)
+
+        def part(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[window]
+
+        return GradientResult(
+            outputs=self.outputs[window],
+            targets=self.targets[window],
+            activation=part(self.activation),
+            grad_layer=part(self.grad_layer),
+            grad_input=part(self.grad_input),
+        )
+
 
 def add_top_k_seeds(model: onnx.ModelProto, output: str, num_classes: int) -> onnx.ModelProto:
-    """Replace the `seed` input by one-hot rows of the top-k classes of `output` (batch 1).
+    """Replace the `seed` input by one-hot rows of the top-k classes of `output`.
+
+    Valid for one image with k >= 1, or several images with k = 1.
 
     Adds an int64 input `top_k` of shape [1] and an output `targets` [k].
     """
@@ -76,14 +97,15 @@ def add_top_k_seeds(model: onnx.ModelProto, output: str, num_classes: int) -> on
         [
             helper.make_tensor(prefix + "depth", TensorProto.INT64, [1], [num_classes]),
             helper.make_tensor(prefix + "values", TensorProto.FLOAT, [2], [0.0, 1.0]),
-            helper.make_tensor(prefix + "axis0", TensorProto.INT64, [1], [0]),
+            helper.make_tensor(prefix + "flat", TensorProto.INT64, [1], [-1]),
         ]
     )
     nodes = [
         helper.make_node(
             "TopK", [output, TOP_K_INPUT], [prefix + "scores", prefix + "indices"], axis=-1
         ),
-        helper.make_node("Squeeze", [prefix + "indices", prefix + "axis0"], [TARGETS_OUTPUT]),
+        # (N, k) -> (N * k,): one image with k seeds, or N images with one seed each.
+        helper.make_node("Reshape", [prefix + "indices", prefix + "flat"], [TARGETS_OUTPUT]),
         helper.make_node(
             "OneHot", [TARGETS_OUTPUT, prefix + "depth", prefix + "values"], [SEED_INPUT], axis=-1
         ),
@@ -123,7 +145,16 @@ class GradientGraphs:
         layers: set[str],
         cache_dir: Path | None,
         options: RuntimeOptions,
+        name: str = "model",
+        batch_policy: BatchPolicy | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
+        self.name = name
+        self.batch_policy = batch_policy
+        self.on_batch = on_batch
+        self._batchers: dict[
+            GraphKey, MicroBatcher[tuple[np.ndarray, np.ndarray | None], GradientResult]
+        ] = {}
         self.model_path = model_path
         self.model_sha256 = model_sha256
         self.output = output
@@ -193,11 +224,55 @@ class GradientGraphs:
         seeds: np.ndarray | None = None,
         top_k: int | None = None,
     ) -> GradientResult:
+        """One gradient run; single-image, single-target runs are batched across requests."""
+        single = batch.shape[0] == 1 and (
+            top_k == 1 if key.top_k_seeds else seeds is not None and seeds.shape[0] == 1
+        )
+        if self.batch_policy is None or not single:
+            return self._run(key, input_name, batch, seeds, top_k)
+        return self._batcher(key, input_name).submit((batch, seeds))
+
+    def _batcher(
+        self, key: GraphKey, input_name: str
+    ) -> MicroBatcher[tuple[np.ndarray, np.ndarray | None], GradientResult]:
+        assert self.batch_policy is not None
+        with self._lock:
+            found = self._batchers.get(key)
+            if found is None:
+
+                def run_many(
+                    items: Sequence[tuple[np.ndarray, np.ndarray | None]],
+                ) -> list[GradientResult]:
+                    stacked = np.concatenate([b for b, _ in items])
+                    seeds = (
+                        None
+                        if key.top_k_seeds
+                        else np.concatenate([s for _, s in items if s is not None])
+                    )
+                    result = self._run(key, input_name, stacked, seeds, 1)
+                    return [result.row(i) for i in range(len(items))]
+
+                found = MicroBatcher(
+                    f"{self.name}:gradients", run_many, self.batch_policy, self.on_batch
+                )
+                self._batchers[key] = found
+            return found
+
+    def _run(
+        self,
+        key: GraphKey,
+        input_name: str,
+        batch: np.ndarray,
+        seeds: np.ndarray | None,
+        top_k: int | None,
+    ) -> GradientResult:
         session = self.session(key)
         feeds: dict[str, np.ndarray] = {input_name: batch}
+        if top_k is not None and self.num_classes:
+            top_k = min(top_k, self.num_classes)  # TopK fails on k above the class count
         if key.top_k_seeds:
-            if top_k is None or batch.shape[0] != 1:
-                raise ValueError("top-k seeding needs top_k and a batch of one image")
+            if top_k is None or (batch.shape[0] != 1 and top_k != 1):
+                raise ValueError("top-k seeding needs one image, or several with top_k 1")
             feeds[TOP_K_INPUT] = np.array([top_k], dtype=np.int64)
         else:
             if seeds is None:

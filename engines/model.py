@@ -1,7 +1,9 @@
 """A loaded model: its session, config, labels and layer list, with `forward` and `predict`."""
 
 import hashlib
+import itertools
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import numpy as np
 import onnx
 from pydantic import ValidationError
 
+from engines.batcher import BatchPolicy, MicroBatcher
 from engines.errors import InvalidModel, InvalidParameters
 from engines.gradients import GradientGraphs
 from engines.images import preprocess
@@ -70,7 +73,11 @@ class LoadedModel:
         folder: Path,
         options: RuntimeOptions,
         cache_dir: Path | None = None,
+        batch_policy: BatchPolicy | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
+        """`batch_policy` turns on cross-request batching of forward and gradient runs;
+        `on_batch(rows, queued)` hears about every batch (for metrics)."""
         self.name = name
         self.config = read_config(folder)
         self.labels = read_labels(folder, self.config)
@@ -100,6 +107,14 @@ class LoadedModel:
             layers={layer.name for layer in self.layers},
             cache_dir=cache_dir,
             options=options,
+            name=name,
+            batch_policy=batch_policy,
+            on_batch=on_batch,
+        )
+        self._forward_batcher = (
+            None
+            if batch_policy is None
+            else MicroBatcher(f"{name}:forward", self._forward_many, batch_policy, on_batch)
         )
 
     @property
@@ -136,9 +151,22 @@ class LoadedModel:
         raise InvalidParameters(f"no class is labelled {target!r}")
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        """The raw model output for a preprocessed batch, shape (N, classes)."""
+        """The raw model output for a preprocessed batch, shape (N, classes).
+
+        With batching on, the rows join other requests' rows in one onnxruntime run.
+        """
+        if self._forward_batcher is None:
+            return self._forward(batch)
+        return self._forward_batcher.submit(batch, rows=batch.shape[0])
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
         (output,) = self.session.run({self.input_name: batch}, [self.output_name])
         return output.reshape(output.shape[0], -1)
+
+    def _forward_many(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+        outputs = self._forward(np.concatenate(batches))
+        bounds = np.cumsum([0, *(b.shape[0] for b in batches)])
+        return [outputs[start:end] for start, end in itertools.pairwise(bounds)]
 
     def occlusion_session(self, layer: str | None) -> ModelSession:
         """The model behind an in-graph occlusion prefix (engines.occlusion_graph)."""

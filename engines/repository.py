@@ -5,12 +5,15 @@ dictionary built from the folder listing.
 """
 
 import enum
+import functools
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engines.batcher import BatchPolicy
 from engines.errors import EngineError, ModelNotFound, ModelNotReady
 from engines.model import MODEL_FILE, LoadedModel
 from engines.runtime import RuntimeOptions
@@ -36,10 +39,20 @@ class ModelEntry:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, options: RuntimeOptions, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        options: RuntimeOptions,
+        cache_dir: Path | None = None,
+        batch_policy: BatchPolicy | None = None,
+        on_batch: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        """`on_batch(model, rows, queued)` hears about every cross-request batch."""
         self.root = root
         self.options = options
         self.cache_dir = cache_dir
+        self.batch_policy = batch_policy
+        self.on_batch = on_batch
         self._entries: dict[str, ModelEntry] = {}
         self._loaded = threading.Event()
         self.discover()
@@ -63,7 +76,11 @@ class ModelRepository:
     def _load(self, entry: ModelEntry) -> None:
         try:
             cache = self.cache_dir / entry.name if self.cache_dir is not None else None
-            entry.model = LoadedModel(entry.name, entry.folder, self.options, cache)
+            hook = self.on_batch
+            on_batch = None if hook is None else functools.partial(hook, entry.name)
+            entry.model = LoadedModel(
+                entry.name, entry.folder, self.options, cache, self.batch_policy, on_batch
+            )
         except EngineError as exc:
             entry.state, entry.reason = ModelState.FAILED, exc.message
             log.warning("model %s failed to load: %s", entry.name, exc.message)

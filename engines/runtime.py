@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from engines.deadline import guarded_run
 from engines.errors import InferenceFailed, InvalidModel
 
 ProviderPreference = Literal["auto", "cpu", "cuda"]
@@ -92,10 +93,13 @@ class ModelSession:
     def run(
         self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None
     ) -> list[np.ndarray]:
-        try:
-            outputs = self._session.run(output_names, feeds)
-        except Exception as exc:
-            raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
+        with guarded_run() as run_options:
+            try:
+                outputs = self._session.run(output_names, feeds, run_options)
+            except Exception as exc:
+                if run_options is not None and run_options.terminate:
+                    raise
+                raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
         return [np.asarray(o) for o in outputs]
 
     def bind(self, resident: dict[str, np.ndarray]) -> "BoundSession":
@@ -126,8 +130,11 @@ class BoundSession:
         self._binding.clear_binding_outputs()
         for name in output_names:
             self._binding.bind_output(name, "cpu")
-        try:
-            self._session.run_with_iobinding(self._binding)
-        except Exception as exc:
-            raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
+        with guarded_run() as run_options:
+            try:
+                self._session.run_with_iobinding(self._binding, run_options)
+            except Exception as exc:
+                if run_options is not None and run_options.terminate:
+                    raise
+                raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
         return [np.asarray(o) for o in self._binding.copy_outputs_to_cpu()]

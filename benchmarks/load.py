@@ -1,0 +1,238 @@
+"""Load test against the real server: throughput, latency and status counts under concurrency.
+
+    python -m benchmarks.load [--levels 1,8,32,128] [--seconds 10] [--soak-seconds 600]
+
+Starts `onnx-explain serve` as a subprocess over a fresh copy of the default model, drives it
+with an asyncio + httpx load generator, and prints per scenario (predict, gradcam, occlusion)
+and concurrency level: requests/s, p50 and p99 latency, and counts by status. Then it measures
+the engine's own batched Grad-CAM throughput in this process and prints the ratio of the
+server's Grad-CAM throughput at concurrency 32 to it (target >= 0.8). With --soak-seconds it
+runs Grad-CAM at concurrency 32 for that long and prints the server's resident memory over time
+(target: flat within 10%). Requirements checked: no 5xx but 503/504, every request answered.
+"""
+
+import argparse
+import asyncio
+import base64
+import collections
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+
+from benchmarks.common import default_model_folder
+from engines.explain import seeds_for
+from engines.gradients import GraphKey
+from engines.images import preprocess
+from engines.model import LoadedModel
+from engines.runtime import RuntimeOptions
+
+MODEL = "efficientnet-lite0"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scenarios(image_b64: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    return {
+        "predict": (f"/v1/models/{MODEL}/predict", {"image": image_b64, "top_k": 5}),
+        "gradcam": (
+            f"/v1/models/{MODEL}/explain",
+            {"image": image_b64, "method": "gradcam", "output": {"format": "png"}},
+        ),
+        "occlusion": (
+            f"/v1/models/{MODEL}/explain",
+            {
+                "image": image_b64,
+                "method": "occlusion",
+                "params": {"window": 32, "stride": 32},
+                "output": {"format": "png", "size": "model"},
+            },
+        ),
+    }
+
+
+async def drive(
+    base: str, path: str, body: dict[str, Any], concurrency: int, seconds: float
+) -> tuple[int, collections.Counter[str], list[float], float]:
+    """Closed-loop load: `concurrency` workers send requests back to back for `seconds`."""
+    statuses: collections.Counter[str] = collections.Counter()
+    latencies: list[float] = []
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    content = json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+        stop = time.monotonic() + seconds
+
+        async def worker() -> None:
+            nonlocal sent
+            while time.monotonic() < stop:
+                sent += 1
+                started = time.monotonic()
+                try:
+                    response = await client.post(path, content=content, headers=headers)
+                    statuses[str(response.status_code)] += 1
+                except httpx.HTTPError as exc:
+                    statuses[type(exc).__name__] += 1
+                latencies.append(time.monotonic() - started)
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+    return sent, statuses, latencies, elapsed
+
+
+def start_server(repository: Path, cache: Path, port: int, threads: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "ONNX_EXPLAIN_MODEL_REPOSITORY": str(repository),
+        "ONNX_EXPLAIN_CACHE_DIR": str(cache),
+        "ONNX_EXPLAIN_PROVIDERS": "cpu",
+        "ONNX_EXPLAIN_INTRA_OP_THREADS": str(threads),
+        "ONNX_EXPLAIN_LOG_LEVEL": "warning",
+        "ONNX_EXPLAIN_MAX_IN_FLIGHT": "256",
+        "ONNX_EXPLAIN_MAX_QUEUE": "256",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the server did not become ready")
+
+
+def engine_gradcam_throughput(folder: Path, cache: Path, threads: int, image: np.ndarray) -> float:
+    """Grad-CAM images per second when the engine runs batches of 32 directly."""
+    model = LoadedModel(
+        MODEL, folder, RuntimeOptions(providers="cpu", intra_op_threads=threads), cache
+    )
+    tensor = preprocess([image], model.config.input)
+    batch = np.repeat(tensor, 32, axis=0)
+    key = GraphKey(model.default_layer, wrt_input=False, guided=False, top_k_seeds=False)
+    seeds = seeds_for([281] * 32, model.num_classes)
+    model.gradients.run(key, model.input_name, batch, seeds=seeds)
+    runs = 5
+    started = time.monotonic()
+    for _ in range(runs):
+        model.gradients.run(key, model.input_name, batch, seeds=seeds)
+    return runs * 32 / (time.monotonic() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--levels", default="1,8,32,128")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--soak-seconds", type=float, default=0.0)
+    parser.add_argument("--scenarios", default="predict,gradcam,occlusion")
+    args = parser.parse_args()
+    levels = [int(level) for level in args.levels.split(",")]
+
+    import skimage.data
+
+    image: np.ndarray = skimage.data.chelsea()  # type: ignore[no-untyped-call]
+    # A JPEG, as cameras and browsers send; the body is serialised once, not per request,
+    # so the load generator spends its CPU on sending rather than on encoding.
+    encoded, jpeg = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert encoded
+    image_b64 = base64.b64encode(jpeg.tobytes()).decode()
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        folder = default_model_folder(root / "models")
+        port = free_port()
+        server = start_server(root / "models", root / "cache", port, args.threads)
+        base = f"http://127.0.0.1:{port}"
+        throughput: dict[tuple[str, int], float] = {}
+        bad = 0
+        try:
+            print(f"server pid {server.pid}, threads {args.threads}, {args.seconds:g} s per cell")
+            header = f"{'scenario':<10}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}  statuses"
+            print(header)
+            all_scenarios = scenarios(image_b64)
+            for name in args.scenarios.split(","):
+                path, body = all_scenarios[name]
+                asyncio.run(drive(base, path, body, 2, 2.0))  # warm-up, graphs built
+                for level in levels:
+                    sent, statuses, latencies, elapsed = asyncio.run(
+                        drive(base, path, body, level, args.seconds)
+                    )
+                    answered = sum(statuses.values())
+                    ok = statuses.get("200", 0)
+                    bad += sum(
+                        count
+                        for status, count in statuses.items()
+                        if not status.isdigit()
+                        or (status.startswith("5") and status not in ("503", "504"))
+                    )
+                    bad += sent - answered
+                    throughput[(name, level)] = ok / elapsed
+                    p50 = statistics.median(latencies) * 1000
+                    p99 = float(np.percentile(latencies, 99)) * 1000
+                    print(
+                        f"{name:<10}{level:>5}{ok / elapsed:>9.1f}{p50:>9.1f}{p99:>9.1f}  "
+                        f"{dict(sorted(statuses.items()))} sent={sent}"
+                    )
+            if args.soak_seconds > 0:
+                path, body = all_scenarios["gradcam"]
+                print(f"soak: gradcam at concurrency 32 for {args.soak_seconds:g} s")
+                samples = []
+                chunk = 30.0
+                elapsed_total = 0.0
+                while elapsed_total < args.soak_seconds:
+                    sent, statuses, _, elapsed = asyncio.run(drive(base, path, body, 32, chunk))
+                    elapsed_total += elapsed
+                    samples.append(rss_mib(server.pid))
+                    bad += sent - sum(statuses.values())
+                    print(
+                        f"  t={elapsed_total:6.0f} s  rss={samples[-1]:.0f} MiB  {dict(statuses)}"
+                    )
+                settled = samples[1:] or samples
+                spread = (max(settled) - min(settled)) / min(settled)
+                print(f"soak RSS spread after the first sample: {spread:.1%} (target <= 10%)")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        if ("gradcam", 32) in throughput:
+            engine = engine_gradcam_throughput(folder, root / "cache", args.threads, image)
+            ratio = throughput[("gradcam", 32)] / engine
+            print(
+                f"engine batched gradcam: {engine:.1f} img/s; server at 32: "
+                f"{throughput[('gradcam', 32)]:.1f} req/s; ratio {ratio:.2f} (target >= 0.8)"
+            )
+        print(f"5xx other than 503/504, transport errors or unanswered requests: {bad}")
+
+
+if __name__ == "__main__":
+    main()

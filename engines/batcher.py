@@ -1,0 +1,142 @@
+"""Cross-request dynamic batching, for engine code that runs in worker threads.
+
+Callers block in `submit`; one dispatcher thread per batcher gathers what arrives within a short
+window (up to a row budget), runs it as one onnxruntime call, and hands each caller its rows.
+The queue is bounded: when it is full `submit` fails at once with `Overloaded`. Items are served
+in arrival order, so a large job that submits one chunk at a time (occlusion) interleaves fairly
+with small requests instead of starving them.
+"""
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from engines.deadline import Deadline, current_deadline
+from engines.errors import DeadlineExceeded, Overloaded
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    window_seconds: float = 0.005
+    max_rows: int = 32
+    max_queued: int = 64
+
+
+@dataclass(eq=False)
+class _Pending(Generic[Item, Result]):
+    item: Item
+    rows: int
+    future: "Future[Result]"
+    deadline: Deadline | None
+
+
+def _latest_deadline(batch: Sequence[_Pending[Item, Result]]) -> Deadline:
+    """A run shared by several callers is terminated only once all of them have given up."""
+    if any(p.deadline is None for p in batch):
+        return Deadline(float("inf"))
+    latest = max(batch, key=lambda p: p.deadline.expires_at if p.deadline else 0.0)
+    assert latest.deadline is not None
+    return latest.deadline
+
+
+class MicroBatcher(Generic[Item, Result]):
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[Sequence[Item]], Sequence[Result]],
+        policy: BatchPolicy,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """`run_batch` runs items together and returns one result per item, in order.
+
+        `on_batch(rows, queued)` is told each batch's size and the queue depth (for metrics).
+        """
+        self.name = name
+        self._run_batch = run_batch
+        self._policy = policy
+        self._on_batch = on_batch
+        self._queue: deque[_Pending[Item, Result]] = deque()
+        self._condition = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, item: Item, rows: int = 1) -> Result:
+        deadline = current_deadline()
+        if deadline is not None:
+            deadline.check()
+        pending: _Pending[Item, Result] = _Pending(item, rows, Future(), deadline)
+        with self._condition:
+            if len(self._queue) >= self._policy.max_queued:
+                raise Overloaded(f"the {self.name} queue is full; retry shortly")
+            self._queue.append(pending)
+            self._ensure_thread()
+            self._condition.notify()
+        timeout = None if deadline is None else max(deadline.remaining(), 0.0) + 1.0
+        try:
+            return pending.future.result(timeout=timeout)
+        except TimeoutError:
+            pending.future.cancel()
+            raise DeadlineExceeded("the request ran past its deadline while queued") from None
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name=f"batcher-{self.name}", daemon=True
+            )
+            self._thread.start()
+
+    def _take_batch(self) -> list[_Pending[Item, Result]]:
+        with self._condition:
+            while not self._queue:
+                self._condition.wait()
+            opened = time.monotonic()
+            while True:
+                rows = sum(p.rows for p in self._queue)
+                left = self._policy.window_seconds - (time.monotonic() - opened)
+                if rows >= self._policy.max_rows or left <= 0:
+                    break
+                self._condition.wait(timeout=left)
+            batch: list[_Pending[Item, Result]] = []
+            rows = 0
+            while self._queue and (
+                not batch or rows + self._queue[0].rows <= self._policy.max_rows
+            ):
+                pending = self._queue.popleft()
+                rows += pending.rows
+                batch.append(pending)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = [p for p in self._take_batch() if p.future.set_running_or_notify_cancel()]
+            live: list[_Pending[Item, Result]] = []
+            for pending in batch:
+                if pending.deadline is None or pending.deadline.remaining() > 0:
+                    live.append(pending)
+                else:
+                    pending.future.set_exception(
+                        DeadlineExceeded("the request ran past its deadline while queued")
+                    )
+            if not live:
+                continue
+            if self._on_batch is not None:
+                self._on_batch(sum(p.rows for p in live), len(self._queue))
+            try:
+                with _latest_deadline(live).activate():
+                    results = self._run_batch([p.item for p in live])
+            except BaseException as exc:  # each caller gets the failure of its batch
+                for pending in live:
+                    pending.future.set_exception(exc)
+                continue
+            for pending, result in zip(live, results, strict=True):
+                pending.future.set_result(result)

@@ -1,0 +1,154 @@
+"""Cross-request batching, bounded queues and deadlines."""
+
+import base64
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from engines.batcher import BatchPolicy, MicroBatcher
+from engines.deadline import Deadline
+from engines.errors import DeadlineExceeded, Overloaded
+from engines.images import preprocess
+from engines.model import LoadedModel
+from tests.conftest import CPU
+from tests.images import encode, photo, solid
+from tests.tiny_models import write_model_folder
+
+
+def test_concurrent_submits_share_one_batch_and_get_their_own_rows() -> None:
+    calls: list[int] = []
+
+    def double(items: Sequence[int]) -> list[int]:
+        calls.append(len(items))
+        return [2 * i for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        "test", double, BatchPolicy(window_seconds=0.2, max_rows=8, max_queued=16)
+    )
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(batcher.submit, range(8)))
+    assert results == [2 * i for i in range(8)]
+    assert sum(calls) == 8
+    assert max(calls) > 1  # gathered, not one run per caller
+
+
+def test_a_full_queue_refuses_at_once() -> None:
+    release = threading.Event()
+
+    def slow(items: Sequence[int]) -> list[int]:
+        release.wait(5)
+        return list(items)
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        "test", slow, BatchPolicy(window_seconds=0.0, max_rows=1, max_queued=2)
+    )
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(batcher.submit, i) for i in range(3)]
+        time.sleep(0.2)  # one item runs, two wait: the queue is full
+        started = time.monotonic()
+        with pytest.raises(Overloaded):
+            batcher.submit(99)
+        assert time.monotonic() - started < 0.5
+        release.set()
+        assert sorted(f.result(5) for f in running) == [0, 1, 2]
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_gets_deadline_exceeded() -> None:
+    release = threading.Event()
+
+    def slow(items: Sequence[int]) -> list[int]:
+        release.wait(2)
+        return list(items)
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        "test", slow, BatchPolicy(window_seconds=0.0, max_rows=1, max_queued=8)
+    )
+
+    def submit_with_deadline() -> int:
+        with Deadline(0.1).activate():
+            return batcher.submit(2)
+
+    with ThreadPoolExecutor(2) as pool:
+        blocker = pool.submit(batcher.submit, 1)
+        time.sleep(0.05)
+        late = pool.submit(submit_with_deadline)
+        with pytest.raises(DeadlineExceeded):
+            late.result(5)
+        release.set()
+        assert blocker.result(5) == 1
+
+
+def test_batched_forward_equals_single_runs(tmp_path: Path) -> None:
+    folder = write_model_folder(tmp_path / "m")
+    policy = BatchPolicy(window_seconds=0.05, max_rows=16, max_queued=64)
+    batched = LoadedModel("m", folder, CPU, batch_policy=policy)
+    plain = LoadedModel("m", folder, CPU)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda image: batched.probabilities([image]), images))
+    for image, row in zip(images, together, strict=True):
+        np.testing.assert_allclose(row, plain.probabilities([image]), rtol=1e-5, atol=1e-7)
+
+
+def test_batched_gradients_equal_single_runs(tmp_path: Path) -> None:
+    from engines.methods import EXPLAINERS
+
+    folder = write_model_folder(tmp_path / "m")
+    policy = BatchPolicy(window_seconds=0.05, max_rows=16, max_queued=64)
+    batched = LoadedModel("m", folder, CPU, tmp_path / "cache", batch_policy=policy)
+    plain = LoadedModel("m", folder, CPU, tmp_path / "cache")
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(8)]
+    gradcam = EXPLAINERS["gradcam"]
+
+    def cam(model: LoadedModel, image: np.ndarray) -> np.ndarray:
+        tensor = preprocess([image], model.config.input)
+        return gradcam.explain(model, tensor, None, 1, gradcam.params_model()).maps[0].heatmap
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda image: cam(batched, image), images))
+    for image, heatmap in zip(images, together, strict=True):
+        np.testing.assert_allclose(heatmap, cam(plain, image), rtol=1e-5, atol=1e-7)
+
+
+def test_deadline_terminates_a_running_onnxruntime_call(default_model_dir: Path) -> None:
+    model = LoadedModel("lite0", default_model_dir / "efficientnet-lite0", CPU)
+    batch = np.repeat(preprocess([photo("chelsea")], model.config.input), 64, axis=0)
+    started = time.monotonic()
+    model.forward(batch)
+    full = time.monotonic() - started
+    started = time.monotonic()
+    with Deadline(full / 10).activate(), pytest.raises(DeadlineExceeded):
+        model.forward(batch)
+    assert time.monotonic() - started < full / 2
+
+
+def test_a_request_past_its_deadline_gets_504_and_the_service_goes_on(
+    client: TestClient,
+) -> None:
+    image = base64.b64encode(encode(photo("chelsea"))).decode()
+    started = time.monotonic()
+    response = client.post(
+        "/v1/models/efficientnet-lite0/explain",
+        json={
+            "image": image,
+            "method": "occlusion",
+            "params": {"window": 8, "stride": 4},
+            "timeout_ms": 300,
+        },
+    )
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "deadline_exceeded"
+    assert time.monotonic() - started < 5
+    good = client.post(
+        "/v1/models/tiny/predict",
+        json={"image": base64.b64encode(encode(solid((9, 200, 9)))).decode()},
+    )
+    assert good.status_code == 200
