@@ -26,6 +26,8 @@ Scorer = Callable[[np.ndarray], np.ndarray]
 """A batch of input tensors -> (B, scores): class scores, or a layer's per-channel means."""
 WindowScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """Windows' top and left corners (B,) -> the scores of the image occluded there (B, scores)."""
+Progress = Callable[[int, int], None]
+"""Called after each batch with (passes done, total passes)."""
 CUDA = "CUDAExecutionProvider"
 
 
@@ -77,9 +79,15 @@ def batch_size(input_bytes: int, budget_bytes: int) -> int:
 class Occlusion(Explainer):
     params_model: ClassVar[type[OcclusionParams]] = OcclusionParams
 
-    def __init__(self, copies_on_device: bool | None = None) -> None:
-        """`copies_on_device`: make copies inside the graph (None: only on CUDA)."""
+    def __init__(
+        self, copies_on_device: bool | None = None, progress: Progress | None = None
+    ) -> None:
+        """`copies_on_device`: make copies inside the graph (None: only on CUDA).
+
+        `progress`: called after each batch with (passes done, total passes).
+        """
         self.copies_on_device = copies_on_device
+        self.progress = progress
 
     @staticmethod
     def host_copies(
@@ -193,6 +201,8 @@ class Occlusion(Explainer):
             # Each window's drop is recorded at its top-left corner and spread by a box sum.
             for row, column_drops in zip(impulses, drops.T, strict=True):
                 np.add.at(row, (chunk_tops, chunk_lefts), column_drops)
+            if self.progress is not None:
+                self.progress(start + chunk_tops.size, passes)
         counts = np.zeros((1, height, width), dtype=np.float64)
         np.add.at(counts, (0, grid_tops, grid_lefts), 1.0)
         maps = (box_sum(impulses, params.window) / box_sum(counts, params.window)).astype(

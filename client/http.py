@@ -1,0 +1,214 @@
+"""`ExplainClient`: the service's HTTP API as typed Python calls, over httpx."""
+
+import base64
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import quote
+
+import cv2
+import httpx
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from client.errors import ClientError, ConnectionFailed, ServiceError
+from client.results import ExplainResult
+from schemas.errors import ErrorResponse
+from schemas.explain import ExplainResponse, OutputOptions, ParamValue, Target
+from schemas.heatmap import HeatmapFormat
+from schemas.models import ModelInfo, ModelList, ModelSummary, Readiness
+from schemas.predict import PredictResponse
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = 120.0
+API_KEY_HEADER = "X-API-Key"
+
+ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str] | np.ndarray
+"""Encoded image bytes, the path of an image file, or an RGB uint8 array (sent as PNG)."""
+Output = OutputOptions | Mapping[str, Any]
+Params = Mapping[str, ParamValue | list[float]]
+
+Answer = TypeVar("Answer", bound=BaseModel)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """An RGB uint8 array (H, W, 3) -> PNG bytes."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ClientError(
+            f"an image array must be RGB uint8 of shape (H, W, 3), got {image.dtype} {image.shape}"
+        )
+    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]))
+    if not ok:
+        raise ClientError("the image array could not be encoded as PNG")
+    return bytes(buffer)
+
+
+def image_bytes(image: ImageSource) -> bytes:
+    """What gets uploaded for `image`: the bytes as given, a file's content, or a PNG."""
+    if isinstance(image, np.ndarray):
+        return encode_png(image)
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    path = Path(image)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+
+
+def output_options(
+    output: Output | None, formats: HeatmapFormat | Sequence[HeatmapFormat] | None
+) -> dict[str, Any]:
+    """The request's `output` object; `formats`, when given, replaces its `format`."""
+    if isinstance(output, OutputOptions):
+        options = output.model_dump(mode="json", exclude_unset=True)
+    else:
+        options = dict(output or {})
+    if formats is not None:
+        options["format"] = [formats] if isinstance(formats, str) else list(formats)
+    return options
+
+
+def _service_error(response: httpx.Response) -> ServiceError:
+    try:
+        error = ErrorResponse.model_validate_json(response.content).error
+    except ValidationError:
+        text = " ".join(response.text.split())[:200] or response.reason_phrase
+        return ServiceError(response.status_code, "http_error", f"HTTP error: {text}")
+    return ServiceError(response.status_code, error.code, error.message)
+
+
+class ExplainClient:
+    """A connection to one onnx-explain service.
+
+    >>> with ExplainClient("http://127.0.0.1:8000") as client:
+    ...     result = client.explain("cat.png", "efficientnet-lite0", "gradcam", formats=["array"])
+    ...     heatmap = result.explanations[0].array
+
+    Every failure raises `ClientError`: `ServiceError` (with `status`, `code`, `message`) when
+    the service answered with an error, `ConnectionFailed` when it could not be reached.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        api_key: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        """`timeout` in seconds for each call (None: wait forever); `transport` replaces
+        httpx's own (e.g. `httpx.HTTPTransport(retries=3)`)."""
+        if not base_url.startswith(("http://", "https://")):
+            raise ClientError(f"base_url must start with http:// or https://, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        headers = {"accept": "application/json"}
+        if api_key is not None:
+            headers[API_KEY_HEADER] = api_key
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, headers=headers, transport=transport
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def readiness(self) -> Readiness:
+        """`GET /readyz`: whether the models are loaded (a 503 answer is parsed too)."""
+        response = self._send("GET", "/readyz")
+        if response.status_code == 503:
+            return self._parse(Readiness, response)
+        return self._answer(Readiness, response)
+
+    def models(self) -> list[ModelSummary]:
+        """`GET /v1/models`: every model in the repository, with its state."""
+        return self._answer(ModelList, self._send("GET", "/v1/models")).models
+
+    def model(self, name: str) -> ModelInfo:
+        """`GET /v1/models/{name}`: input spec, labels count, provider, Grad-CAM layers."""
+        return self._answer(ModelInfo, self._send("GET", self._model_path(name)))
+
+    def predict(self, image: ImageSource, model: str, top_k: int = 5) -> PredictResponse:
+        """`POST /v1/models/{model}/predict`: the top-k classes of one image."""
+        body = {"image": self._image_field(image), "top_k": top_k}
+        response = self._send("POST", self._model_path(model, "predict"), body)
+        return self._answer(PredictResponse, response)
+
+    def explain(
+        self,
+        image: ImageSource,
+        model: str,
+        method: str,
+        targets: Sequence[Target] | None = None,
+        top_k: int = 1,
+        params: Params | None = None,
+        output: Output | None = None,
+        formats: HeatmapFormat | Sequence[HeatmapFormat] | None = None,
+    ) -> ExplainResult:
+        """`POST /v1/models/{model}/explain`: one heatmap per target and requested format.
+
+        `targets` are class indices or label names (default: the `top_k` predicted classes);
+        `output` holds the rendering options (README, "Explanations"); `formats` is a shortcut
+        for its `format`.
+        """
+        body: dict[str, Any] = {
+            "image": self._image_field(image),
+            "method": method,
+            "top_k": top_k,
+        }
+        if targets is not None:
+            body["targets"] = list(targets)
+        if params:
+            body["params"] = dict(params)
+        options = output_options(output, formats)
+        if options:
+            body["output"] = options
+        response = self._send("POST", self._model_path(model, "explain"), body)
+        return ExplainResult.from_response(self._answer(ExplainResponse, response))
+
+    @staticmethod
+    def _image_field(image: ImageSource) -> str:
+        return base64.b64encode(image_bytes(image)).decode("ascii")
+
+    @staticmethod
+    def _model_path(name: str, action: str | None = None) -> str:
+        path = f"/v1/models/{quote(name, safe='')}"
+        return f"{path}/{action}" if action else path
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        where = f"{self.base_url}{path}"
+        try:
+            return self._http.request(method, path, json=body)
+        except httpx.TimeoutException as exc:
+            raise ConnectionFailed(f"no answer from {where} in time ({exc})") from exc
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"cannot reach {where}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise ClientError(f"{method} {where} failed: {exc}") from exc
+
+    def _answer(self, schema: type[Answer], response: httpx.Response) -> Answer:
+        if not response.is_success:
+            raise _service_error(response)
+        return self._parse(schema, response)
+
+    @staticmethod
+    def _parse(schema: type[Answer], response: httpx.Response) -> Answer:
+        try:
+            return schema.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise ClientError(
+                f"unexpected answer from {response.request.url} (HTTP {response.status_code}): "
+                f"{exc.error_count()} field(s) do not match {schema.__name__}"
+            ) from exc
