@@ -16,7 +16,12 @@ from schemas.heatmap import (
     HeatmapFormat,
     Normalization,
 )
-from schemas.predict import IMAGE_FIELD_DESCRIPTION, MAX_IMAGE_BASE64_CHARS, Prediction
+from schemas.predict import (
+    IMAGE_FIELD_DESCRIPTION,
+    MAX_IMAGE_BASE64_CHARS,
+    TIMEOUT_DESCRIPTION,
+    Prediction,
+)
 
 ExplainMethod = Literal[
     "occlusion",
@@ -137,6 +142,9 @@ class ExplainRequest(BaseModel):
         description="Classes to explain; when absent the `top_k` predicted classes are used.",
     )
     top_k: int = Field(default=1, ge=1, le=MAX_TARGETS)
+    timeout_ms: int | None = Field(
+        default=None, ge=1, le=3_600_000, description=TIMEOUT_DESCRIPTION
+    )
     params: dict[Annotated[str, Field(max_length=64)], ParamValue | list[float]] = Field(
         default_factory=dict, max_length=32, description="Method-specific parameters."
     )

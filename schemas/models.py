@@ -41,5 +41,5 @@ class ModelInfo(ModelSummary):
 
 
 class Readiness(BaseModel):
-    status: Literal["ok", "loading", "unavailable"]
+    status: Literal["ok", "loading", "unavailable", "draining"]
     models: dict[str, ModelStateName] = Field(default_factory=dict)

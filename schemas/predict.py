@@ -9,6 +9,11 @@ IMAGE_FIELD_DESCRIPTION = (
 )
 
 
+TIMEOUT_DESCRIPTION = (
+    "Deadline for this request's work in milliseconds; it can only lower the service's own."
+)
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -19,6 +24,9 @@ class PredictRequest(BaseModel):
         min_length=1, max_length=MAX_IMAGE_BASE64_CHARS, description=IMAGE_FIELD_DESCRIPTION
     )
     top_k: int = Field(default=5, ge=1, le=MAX_TOP_K)
+    timeout_ms: int | None = Field(
+        default=None, ge=1, le=3_600_000, description=TIMEOUT_DESCRIPTION
+    )
 
 
 class Prediction(BaseModel):

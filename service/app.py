@@ -1,6 +1,5 @@
 """`create_app(settings, repository)`: the FastAPI application around a model repository."""
 
-import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,12 +10,19 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from engines.batcher import BatchPolicy
 from engines.explain import WorkLimits
 from engines.images import ImageLimits
 from engines.repository import ModelRepository
 from engines.runtime import RuntimeOptions
+from service.auth import ApiKeyMiddleware
 from service.errors import install_error_handlers
+from service.lifecycle import Drain, drain_on_sigterm
+from service.logs import configure_logging
+from service.metrics import ServiceMetrics
+from service.metrics import router as metrics_router
 from service.middleware import BodyLimitMiddleware
+from service.observability import RequestContextMiddleware
 from service.routes import explain, health, models
 from service.settings import Settings
 from service.state import ServiceState
@@ -36,22 +42,33 @@ def build_repository(settings: Settings) -> ModelRepository:
         settings.model_repository,
         RuntimeOptions(
             providers=settings.providers,
-            intra_op_threads=settings.intra_op_threads,
+            intra_op_threads=settings.threads_per_session,
             inter_op_threads=settings.inter_op_threads,
         ),
         cache_dir=settings.cache_dir,
+        batch_policy=BatchPolicy(
+            window_seconds=settings.batch_window_ms / 1000,
+            max_rows=settings.max_batch,
+            max_queued=settings.max_queue,
+        ),
     )
 
 
 def create_app(settings: Settings, repository: ModelRepository | None = None) -> FastAPI:
     repo = repository if repository is not None else build_repository(settings)
+    metrics = ServiceMetrics()  # a registry per app, not prometheus_client's global one
+    drain = Drain()
+    if repo.on_batch is None:
+        repo.on_batch = metrics.on_batch
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if not repo.loaded:
             # Load in the background so /healthz answers and /readyz says 503 meanwhile.
             threading.Thread(target=repo.load_all, name="model-loader", daemon=True).start()
-        yield
+        # SIGTERM: readiness 503 at once, then uvicorn's graceful shutdown.
+        with drain_on_sigterm(drain, settings.shutdown_delay_seconds):
+            yield
 
     app = FastAPI(
         title="onnx-explain",
@@ -71,11 +88,17 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
             max_passes=settings.max_passes,
             memory_budget_bytes=settings.occlusion_memory_budget_bytes,
         ),
-        inference_limiter=anyio.CapacityLimiter(settings.inference_concurrency),
+        inference_limiter=anyio.CapacityLimiter(settings.max_in_flight),
     )
+    app.state.metrics = metrics
+    app.state.drain = drain
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    # Added last = outermost: the request id and the log line cover the 401s and 413s too.
+    app.add_middleware(ApiKeyMiddleware, api_keys=settings.api_key_list)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, drain=drain, repository=repo)
     app.include_router(health.router)
+    app.include_router(metrics_router)
     app.include_router(models.router)
     app.include_router(explain.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -90,5 +113,5 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
 def app_from_environment() -> FastAPI:
     """The factory uvicorn calls: settings from `ONNX_EXPLAIN_*` variables."""
     settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper())
+    configure_logging(settings.log_level, settings.log_format)
     return create_app(settings)

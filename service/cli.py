@@ -1,24 +1,48 @@
-"""`onnx-explain`: serve the API, or build models into the repository."""
+"""`onnx-explain`: serve the API, explain an image, or build models into the repository."""
 
 import argparse
+import io
+import itertools
+import json
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO, get_args
 
+from schemas.explain import ExplainMethod
+from schemas.heatmap import ColormapName, ImageNormalization
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from client import ExplainResult, ExplanationResult
+    from engines.explain import Explained, Explainer
+    from engines.model import LoadedModel
+    from schemas.explain import ExplainRequest, ExplainResponse, Explanation, OutputOptions
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.lifecycle import exit_zero_on_sigterm
+
     settings = Settings()
-    uvicorn.run(
-        "service.app:app_from_environment",
-        factory=True,
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        workers=args.workers or settings.workers,
-        log_level=settings.log_level,
-    )
+    with exit_zero_on_sigterm():
+        uvicorn.run(
+            "service.app:app_from_environment",
+            factory=True,
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            workers=args.workers or settings.workers,
+            log_level=settings.log_level,
+            access_log=False,  # the request middleware logs one line per request
+            timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        )
     return 0
 
 
@@ -78,6 +102,379 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# `explain`: one image through a running service (--url) or the same engines in-process (--local).
+
+IMAGE_FORMATS = ("overlay", "colormap", "png", "png16")
+SPINNER_FRAMES = "|/-\\"
+BAR_WIDTH = 30
+
+
+class _Failure(Exception):
+    """A problem to report on stderr in one line, with the exit status to return."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class _ExplainCall:
+    image: bytes
+    model: str
+    method: str
+    targets: list[int | str] | None
+    top_k: int
+    params: dict[str, Any]
+    output: dict[str, Any]
+
+
+class _ProgressBar:
+    """`occlusion [#####.....] 40/80 passes`, redrawn in place; a newline once complete."""
+
+    def __init__(self, stream: TextIO, label: str) -> None:
+        self.stream = stream
+        self.label = label
+
+    def __call__(self, done: int, total: int) -> None:
+        filled = BAR_WIDTH * done // max(total, 1)
+        bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        end = "\n" if done >= total else ""
+        self.stream.write(f"\r{self.label} [{bar}] {done}/{total} passes{end}")
+        self.stream.flush()
+
+
+@contextmanager
+def _spinner(stream: TextIO, label: str, enabled: bool) -> Iterator[None]:
+    """While the block runs, a spinner and the seconds elapsed; the line is cleared after."""
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def spin() -> None:
+        line = ""
+        for frame in itertools.cycle(SPINNER_FRAMES):
+            line = f"{frame} {label} {time.monotonic() - started:.1f}s"
+            stream.write(f"\r{line}")
+            stream.flush()
+            if stop.wait(0.1):
+                break
+        stream.write("\r" + " " * len(line) + "\r")
+        stream.flush()
+
+    thread = threading.Thread(target=spin, name="spinner", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return bool(args.progress) or sys.stderr.isatty()
+
+
+def _parse_target(text: str) -> int | str:
+    return int(text) if text.strip().isdigit() else text
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    """`key=value`: the value read as JSON (numbers, true/false, null, lists), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise _Failure(f"--param expects key=value, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def _explain_call(args: argparse.Namespace) -> _ExplainCall:
+    try:
+        image = Path(args.image).read_bytes()
+    except OSError as exc:
+        raise _Failure(f"cannot read {args.image}: {exc.strerror or exc}") from exc
+    output: dict[str, Any] = {"format": [args.format] + (["array"] if args.array_out else [])}
+    for field in ("normalize", "colormap", "alpha"):
+        if getattr(args, field) is not None:
+            output[field] = getattr(args, field)
+    return _ExplainCall(
+        image=image,
+        model=args.model,
+        method=args.method,
+        targets=[_parse_target(t) for t in args.target] if args.target else None,
+        top_k=args.top_k,
+        params=dict(_parse_param(p) for p in args.param or []),
+        output=output,
+    )
+
+
+def _explain_remote(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResult":
+    from client import DEFAULT_URL, ClientError, ExplainClient, ServiceError
+
+    url = args.url or DEFAULT_URL
+    try:
+        with (
+            ExplainClient(url, timeout=args.timeout, api_key=args.api_key) as service,
+            _spinner(sys.stderr, f"{call.method} at {url}", _show_progress(args)),
+        ):
+            return service.explain(
+                call.image,
+                call.model,
+                call.method,
+                targets=call.targets,
+                top_k=call.top_k,
+                params=call.params,
+                output=call.output,
+            )
+    except ServiceError as exc:
+        raise _Failure(str(exc), 2 if exc.status < 500 else 1) from exc
+    except ClientError as exc:
+        raise _Failure(exc.message, 1) from exc
+
+
+def _explain_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResult":
+    from pydantic import ValidationError
+
+    from client import ExplainResult
+    from engines.errors import EngineError
+    from service.errors import ServiceError as RequestError
+    from service.inputs import describe_validation_error
+
+    try:
+        return ExplainResult.from_response(_run_local(call, args))
+    except (EngineError, RequestError) as exc:
+        raise _Failure(exc.message) from exc
+    except ValidationError as exc:
+        raise _Failure(describe_validation_error(exc)) from exc
+
+
+def _local_request(call: _ExplainCall) -> "ExplainRequest":
+    from schemas.explain import ExplainRequest
+
+    # The image stays in bytes; a stand-in lets the rest be checked as the server checks it.
+    fields = {
+        "image": "-",
+        "method": call.method,
+        "targets": call.targets,
+        "top_k": call.top_k,
+        "params": call.params,
+        "output": call.output,
+    }
+    return ExplainRequest.model_validate(fields)
+
+
+def _load_model(name: str, repository: Path, settings: Settings) -> "LoadedModel":
+    from engines.model import MODEL_FILE, LoadedModel
+    from engines.repository import MODEL_NAME_PATTERN
+    from engines.runtime import RuntimeOptions
+
+    folder = repository / name
+    if not MODEL_NAME_PATTERN.fullmatch(name) or not (folder / MODEL_FILE).is_file():
+        raise _Failure(f"no model named {name!r} in {repository}")
+    options = RuntimeOptions(
+        settings.providers, settings.intra_op_threads, settings.inter_op_threads
+    )
+    return LoadedModel(name, folder, options, settings.cache_dir / name)
+
+
+def _local_explainer(method: str, progress: bool) -> "Explainer":
+    from engines.methods import EXPLAINERS
+    from engines.occlusion import Occlusion
+
+    explainer = EXPLAINERS[method]
+    if progress and isinstance(explainer, Occlusion):
+        bar = _ProgressBar(sys.stderr, method)
+        return Occlusion(explainer.copies_on_device, progress=bar)
+    return explainer
+
+
+def _resolve_targets(model: "LoadedModel", targets: list[int | str] | None) -> list[int] | None:
+    if targets is None:
+        return None
+    return list(dict.fromkeys(model.resolve_target(t) for t in targets))
+
+
+def _milliseconds(start: float, end: float) -> float:
+    return round((end - start) * 1000, 3)
+
+
+def _render(
+    explained: "Explained", model: "LoadedModel", image: "np.ndarray", output: "OutputOptions"
+) -> list["Explanation"]:
+    """The maps rendered as the explain route renders them."""
+    from schemas.explain import Explanation
+    from service.heatmaps import render_maps
+
+    maps = [target_map.heatmap for target_map in explained.maps]
+    rendered = render_maps(maps, image, model.config.input, output)
+    return [
+        Explanation(target=m.target, label=model.label(m.target), heatmap=p[0], heatmaps=p)
+        for m, p in zip(explained.maps, rendered, strict=True)
+    ]
+
+
+def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse":
+    """The explain route's pipeline, with the service's own rendering (service.heatmaps)."""
+    from pydantic import ValidationError
+
+    from engines.explain import WorkLimits
+    from engines.images import ImageLimits, decode_image, preprocess
+    from schemas.explain import ExplainResponse
+    from schemas.predict import Prediction
+    from service.heatmaps import check_output
+    from service.inputs import describe_validation_error
+
+    settings = Settings()
+    request = _local_request(call)
+    repository = Path(args.repository) if args.repository else settings.model_repository
+    model = _load_model(call.model, repository, settings)
+    started = time.perf_counter()
+    explainer = _local_explainer(request.method, _show_progress(args))
+    try:
+        params = explainer.params_model.model_validate(request.params)
+    except ValidationError as exc:
+        raise _Failure("params." + describe_validation_error(exc)) from exc
+    targets = _resolve_targets(model, request.targets)
+    limits = ImageLimits(
+        settings.max_image_bytes, settings.max_image_pixels, settings.min_image_side
+    )
+    image = decode_image(call.image, limits)
+    check_output(request.output, image.shape, model.config.input)
+    tensor = preprocess([image], model.config.input)
+    decoded = time.perf_counter()
+    work = WorkLimits(settings.max_passes, settings.occlusion_memory_budget_bytes)
+    explained = explainer.explain(model, tensor, targets, request.top_k, params, work)
+    computed = time.perf_counter()
+    explanations = _render(explained, model, image, request.output)
+    finished = time.perf_counter()
+    top = model.top_predictions(explained.probabilities, max(request.top_k, 5))
+    return ExplainResponse(
+        model=call.model,
+        method=request.method,
+        predictions=[Prediction(index=p.index, label=p.label, score=p.score) for p in top],
+        explanations=explanations,
+        timings_ms={
+            "decode": _milliseconds(started, decoded),
+            "explain": _milliseconds(decoded, computed),
+            "render": _milliseconds(computed, finished),
+            "total": _milliseconds(started, finished),
+        },
+    )
+
+
+def _output_path(path: Path, target: int, several: bool) -> Path:
+    """`path` itself for one explanation; `cam-281.png`, `cam-285.png`, ... for several."""
+    return path.with_name(f"{path.stem}-{target}{path.suffix}") if several else path
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise _Failure(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _npy_bytes(values: "np.ndarray") -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, values)
+    return buffer.getvalue()
+
+
+def _write_explanation(
+    explanation: "ExplanationResult", args: argparse.Namespace, several: bool
+) -> list[str]:
+    """Writes the image (and array) of one explanation; says what was written."""
+    image = explanation.get(args.format)
+    png = image.png
+    if png is None:  # the formats the CLI offers are all PNGs
+        raise _Failure(f"the `{args.format}` heatmap holds no PNG")
+    path = _output_path(Path(args.out), explanation.target, several)
+    _write_file(path, png)
+    height, width = image.image().shape[:2]
+    notes = [f"{path} ({args.format} PNG, {width}x{height})"]
+    values = explanation.get("array").values if args.array_out else None
+    if values is not None:
+        array_path = _output_path(Path(args.array_out), explanation.target, several)
+        _write_file(array_path, _npy_bytes(values))
+        notes.append(f"{array_path} ({values.dtype} array, shape {values.shape})")
+    return notes
+
+
+def _print_result(result: "ExplainResult", written: list[list[str]]) -> None:
+    total = result.timings_ms.get("total")
+    took = f" in {total:.0f} ms" if total is not None else ""
+    print(f"{result.method} on {result.model}{took}")
+    print("predictions:")
+    for prediction in result.predictions:
+        print(f"  {prediction.index:>5}  {prediction.score:.4f}  {prediction.label}")
+    for explanation, notes in zip(result.explanations, written, strict=True):
+        print(f"target {explanation.target} ({explanation.label}):")
+        for note in notes:
+            print(f"  wrote {note}")
+
+
+def _explain(args: argparse.Namespace) -> int:
+    try:
+        call = _explain_call(args)
+        result = _explain_local(call, args) if args.local else _explain_remote(call, args)
+        several = len(result.explanations) > 1
+        written = [_write_explanation(e, args, several) for e in result.explanations]
+    except _Failure as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.status
+    _print_result(result, written)
+    return 0
+
+
+def _add_explain_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    explain = commands.add_parser(
+        "explain",
+        help="a heatmap for one image, from a running service (--url) or in-process (--local)",
+    )
+    explain.add_argument("image", help="a PNG, JPEG or WebP file")
+    explain.add_argument("--model", required=True, help="a model name, e.g. efficientnet-lite0")
+    explain.add_argument(
+        "--method", default="gradcam", choices=get_args(ExplainMethod), help="default: gradcam"
+    )
+    explain.add_argument(
+        "--target",
+        action="append",
+        metavar="T",
+        help="a class index or label name (repeatable; default: the top-k predicted classes)",
+    )
+    explain.add_argument("--top-k", type=int, default=1, help="targets when none is given")
+    explain.add_argument(
+        "--param", action="append", metavar="KEY=VALUE", help="a method parameter (repeatable)"
+    )
+    explain.add_argument("--format", choices=IMAGE_FORMATS, default="overlay")
+    explain.add_argument("--colormap", choices=get_args(ColormapName))
+    explain.add_argument("--alpha", type=float, help="opacity of the map in an overlay")
+    explain.add_argument("--normalize", choices=get_args(ImageNormalization))
+    explain.add_argument("--out", required=True, help="the PNG to write")
+    explain.add_argument("--array-out", help="also write the float map as a .npy file")
+    where = explain.add_mutually_exclusive_group()
+    where.add_argument("--url", help="the service (default: http://127.0.0.1:8000)")
+    where.add_argument("--local", action="store_true", help="run the engines here, no server")
+    explain.add_argument(
+        "--repository", help="model folder for --local (default: ONNX_EXPLAIN_MODEL_REPOSITORY)"
+    )
+    explain.add_argument("--api-key", help="sent as X-API-Key to the service")
+    explain.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for the service"
+    )
+    explain.add_argument(
+        "--progress", action="store_true", help="show progress on stderr even if not a terminal"
+    )
+    explain.set_defaults(handler=_explain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnx-explain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=_models_build)
     listing = model_commands.add_parser("list", help="names `models build` knows")
     listing.set_defaults(handler=_models_list)
+    _add_explain_parser(commands)
     return parser
 
 

@@ -53,6 +53,8 @@ ENGINE_ERROR_STATUS: dict[type[engine_errors.EngineError], int] = {
     engine_errors.InvalidParameters: 422,
     engine_errors.UnsupportedModel: 422,
     engine_errors.TooMuchWork: 422,
+    engine_errors.DeadlineExceeded: 504,
+    engine_errors.Overloaded: 503,
     engine_errors.InvalidModel: 500,
     engine_errors.InferenceFailed: 500,
 }
@@ -60,8 +62,16 @@ ENGINE_ERROR_STATUS: dict[type[engine_errors.EngineError], int] = {
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
+RETRY_AFTER_SECONDS = 1
+
+
 def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"code": code, "message": message}},
+        headers=headers,
+    )
 
 
 def _engine_status(exc: engine_errors.EngineError) -> int:

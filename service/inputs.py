@@ -9,6 +9,7 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service.errors import InvalidRequest, UnsupportedMediaType
@@ -73,6 +74,9 @@ async def _read_multipart(
         form = await request.form(max_files=1, max_fields=16)
     except MultiPartException as exc:
         raise InvalidRequest(f"malformed multipart body: {exc.message}") from exc
+    except HTTPException as exc:
+        # Starlette reports a malformed multipart body as its own 400 before we see it.
+        raise InvalidRequest(f"malformed multipart body: {exc.detail}") from exc
     upload = form.get("image")
     if not isinstance(upload, UploadFile):
         raise InvalidRequest("multipart body needs a file field named `image`")

@@ -4,16 +4,21 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.keys import check_api_keys, split_api_keys
 
-def _default_threads() -> int:
+
+def cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ONNX_EXPLAIN_", extra="ignore")
+    # Inputs stay out of validation errors: one of them may hold API keys.
+    model_config = SettingsConfigDict(
+        env_prefix="ONNX_EXPLAIN_", extra="ignore", hide_input_in_errors=True
+    )
 
     model_repository: Path = Field(
         default=Path("models"), description="Folder with one subfolder per model."
@@ -25,11 +30,35 @@ class Settings(BaseSettings):
         default="auto", description="`auto` uses CUDA when onnxruntime offers it, else CPU."
     )
     intra_op_threads: int = Field(
-        default_factory=_default_threads, ge=0, le=256, description="Threads per session."
+        default=0,
+        ge=0,
+        le=256,
+        description="Threads per onnxruntime session; 0 = the machine's cores divided by the "
+        "number of workers, so threads x workers <= cores.",
     )
     inter_op_threads: int = Field(default=1, ge=0, le=64)
-    inference_concurrency: int = Field(
-        default=2, ge=1, le=64, description="Inference calls running at once per process."
+    max_in_flight: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Requests doing engine work at once per process; more get 503 at once.",
+    )
+    batch_window_ms: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long a batch waits for more requests of the same model and graph.",
+    )
+    max_batch: int = Field(default=32, ge=1, le=1024, description="Rows per batched run.")
+    max_queue: int = Field(
+        default=64, ge=1, le=100_000, description="Waiting requests per batch queue."
+    )
+    request_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="Deadline of a request's engine work (lower per request with timeout_ms); "
+        "past it the work is terminated and the caller gets 504.",
     )
     max_body_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest request body accepted."
@@ -50,3 +79,38 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="`json`: one JSON object a line, with the request id."
+    )
+    api_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="Comma-separated keys accepted in `X-API-Key`; empty = no authentication. "
+        "Placeholders and keys under 16 characters are refused at start-up.",
+    )
+    shutdown_grace_seconds: int = Field(
+        default=20,
+        ge=1,
+        le=3600,
+        description="After SIGTERM (and the delay), how long in-flight requests may take.",
+    )
+    shutdown_delay_seconds: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=300.0,
+        description="After SIGTERM, how long to keep serving with /readyz at 503 before the "
+        "listener closes (for load balancers to stop routing here).",
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _usable_api_keys(cls, value: SecretStr) -> SecretStr:
+        check_api_keys(split_api_keys(value.get_secret_value()))
+        return value
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return split_api_keys(self.api_keys.get_secret_value())
+
+    @property
+    def threads_per_session(self) -> int:
+        return self.intra_op_threads or max(1, cores() // self.workers)

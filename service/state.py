@@ -19,6 +19,7 @@ class ServiceState:
     image_limits: ImageLimits
     work_limits: WorkLimits
     inference_limiter: anyio.CapacityLimiter
+    in_flight: int = 0
 
 
 def get_state(request: Request) -> ServiceState:

@@ -1,3 +1,4 @@
+import functools
 import time
 from typing import Any
 
@@ -15,17 +16,45 @@ from schemas.predict import Prediction
 from service.errors import InvalidRequest
 from service.heatmaps import check_output, render_maps
 from service.inputs import describe_validation_error, read_image_request
-from service.routes.models import ERRORS, ModelName
+from service.observability import label_request, observe_stages
+from service.routes.models import WORK_ERRORS, ModelName
 from service.state import State
+from service.work import run_engine
 
 router = APIRouter(prefix="/v1/models", tags=["explain"])
+
+
+def _inline_definitions(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its `$defs` written in place of their `$ref`s.
+
+    Inside an OpenAPI document a `#/$defs/...` reference resolves against the document's root,
+    which has no `$defs`: the reference would dangle, and tools would fail to read the body.
+    """
+    definitions: dict[str, Any] = schema.get("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {key: value for key, value in node.items() if key != "$ref"}
+                return inline({**definitions[ref.removeprefix("#/$defs/")], **rest})
+            return {key: inline(value) for key, value in node.items() if key != "$defs"}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
+
+
+EXPLAIN_JSON_SCHEMA = _inline_definitions(ExplainRequest.model_json_schema())
 
 EXPLAIN_REQUEST_BODY: dict[str, object] = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {
-                "schema": ExplainRequest.model_json_schema(),
+                "schema": EXPLAIN_JSON_SCHEMA,
                 "example": {
                     "image": "<base64 of a PNG/JPEG/WebP>",
                     "method": "gradcam",
@@ -40,9 +69,9 @@ EXPLAIN_REQUEST_BODY: dict[str, object] = {
                     "required": ["image", "method"],
                     "properties": {
                         "image": {"type": "string", "format": "binary"},
-                        "method": {"type": "string"},
+                        "method": EXPLAIN_JSON_SCHEMA["properties"]["method"],
                         "targets": {"type": "string", "description": "JSON list"},
-                        "top_k": {"type": "integer"},
+                        "top_k": EXPLAIN_JSON_SCHEMA["properties"]["top_k"],
                         "params": {"type": "string", "description": "JSON object"},
                         "output": {"type": "string", "description": "JSON object"},
                     },
@@ -87,7 +116,7 @@ def _render(
 @router.post(
     "/{name}/explain",
     response_model=ExplainResponse,
-    responses=ERRORS,
+    responses=WORK_ERRORS,
     openapi_extra=EXPLAIN_REQUEST_BODY,
     summary="Heatmaps of what the model looked at, one per target class.",
 )
@@ -95,6 +124,7 @@ async def explain(name: ModelName, request: Request, state: State) -> ExplainRes
     started = time.perf_counter()
     model = state.repository.get(name)
     parsed, image_bytes = await read_image_request(request, ExplainRequest)
+    label_request(request, parsed.method)
     explainer = EXPLAINERS[parsed.method]
     try:
         params: Any = explainer.params_model.model_validate(parsed.params)
@@ -105,19 +135,23 @@ async def explain(name: ModelName, request: Request, state: State) -> ExplainRes
     check_output(parsed.output, image.shape, model.config.input)
     tensor = preprocess([image], model.config.input)
     decoded = time.perf_counter()
-    explained = await anyio.to_thread.run_sync(
-        explainer.explain,
-        model,
-        tensor,
-        targets,
-        parsed.top_k,
-        params,
-        state.work_limits,
-        limiter=state.inference_limiter,
+    explained = await run_engine(
+        state,
+        parsed.timeout_ms,
+        functools.partial(
+            explainer.explain, model, tensor, targets, parsed.top_k, params, state.work_limits
+        ),
     )
     computed = time.perf_counter()
     explanations = await anyio.to_thread.run_sync(_render, explained, model, image, parsed.output)
     finished = time.perf_counter()
+    observe_stages(
+        request,
+        name,
+        decode=decoded - started,
+        inference=computed - decoded,
+        render=finished - computed,
+    )
     predictions = model.top_predictions(explained.probabilities, max(parsed.top_k, 5))
     return ExplainResponse(
         model=name,

@@ -1,7 +1,8 @@
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from schemas.models import Readiness
+from service.lifecycle import is_draining
 from service.state import State
 
 router = APIRouter(tags=["health"])
@@ -18,10 +19,12 @@ async def healthz() -> dict[str, str]:
     summary="Readiness: 200 once the models are loaded and one serves, 503 before.",
     responses={503: {"model": Readiness}},
 )
-async def readyz(state: State) -> JSONResponse:
+async def readyz(state: State, request: Request) -> JSONResponse:
     repository = state.repository
     models = {entry.name: entry.state.value for entry in repository.entries()}
-    if repository.ready:
+    if is_draining(request.app):  # SIGTERM: stop routing here while in-flight work finishes
+        status_name, status_code = "draining", 503
+    elif repository.ready:
         status_name, status_code = "ok", 200
     elif not repository.loaded:
         status_name, status_code = "loading", 503

@@ -1,3 +1,4 @@
+import functools
 import time
 from typing import Annotated
 
@@ -10,7 +11,9 @@ from schemas.errors import ErrorResponse
 from schemas.models import Layer, ModelInfo, ModelList, ModelSummary
 from schemas.predict import Prediction, PredictRequest, PredictResponse
 from service.inputs import read_image_request
+from service.observability import observe_stages
 from service.state import State
+from service.work import run_engine
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -18,6 +21,12 @@ ModelName = Annotated[str, Path(min_length=1, max_length=64, description="A mode
 
 ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorResponse} for status in (404, 413, 415, 422, 503)
+}
+# Routes that run engine work also answer 504 when it runs past its deadline (`timeout_ms` or
+# the service's `request_timeout_seconds`).
+WORK_ERRORS: dict[int | str, dict[str, object]] = {
+    **ERRORS,
+    504: {"model": ErrorResponse, "description": "The work ran past its deadline."},
 }
 
 IMAGE_REQUEST_BODY: dict[str, object] = {
@@ -84,7 +93,7 @@ async def model_info(name: ModelName, state: State) -> ModelInfo:
 @router.post(
     "/{name}/predict",
     response_model=PredictResponse,
-    responses=ERRORS,
+    responses=WORK_ERRORS,
     openapi_extra=IMAGE_REQUEST_BODY,
     summary="Top-k classes for one image (JSON with base64 `image`, or multipart `image`).",
 )
@@ -94,10 +103,11 @@ async def predict(name: ModelName, request: Request, state: State) -> PredictRes
     parsed, image_bytes = await read_image_request(request, PredictRequest)
     image = await anyio.to_thread.run_sync(decode_image, image_bytes, state.image_limits)
     decoded = time.perf_counter()
-    (predictions,) = await anyio.to_thread.run_sync(
-        model.predict, [image], parsed.top_k, limiter=state.inference_limiter
+    (predictions,) = await run_engine(
+        state, parsed.timeout_ms, functools.partial(model.predict, [image], parsed.top_k)
     )
     finished = time.perf_counter()
+    observe_stages(request, name, decode=decoded - started, inference=finished - decoded)
     return PredictResponse(
         model=name,
         predictions=[Prediction(index=p.index, label=p.label, score=p.score) for p in predictions],
