@@ -1,6 +1,7 @@
 """The explanation methods the service offers, by the names requests use."""
 
 from engines.cam import GradCam, GradCamPlusPlus, HiResCam, LayerCam, XGradCam
+from engines.classic_cam import ClassicCam
 from engines.explain import Explainer
 from engines.occlusion import Occlusion
 from engines.saliency import (
@@ -25,4 +26,5 @@ EXPLAINERS: dict[str, Explainer] = {
     "integrated_gradients": IntegratedGradients(),
     "gradient_x_input": GradientTimesInput(),
     "occlusion": Occlusion(),
+    "cam": ClassicCam(),
 }

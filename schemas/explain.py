@@ -36,6 +36,7 @@ ExplainMethod = Literal[
     "smoothgrad",
     "integrated_gradients",
     "gradient_x_input",
+    "cam",
 ]
 
 MAX_TARGETS = 20

@@ -53,6 +53,10 @@ class GuidedGradCamParams(CamParams):
     pass
 
 
+class ClassicCamParams(_Params):
+    """The original CAM has no knobs: the layer is the one the model's head pools."""
+
+
 class OcclusionParams(_Params):
     window: int = Field(default=16, ge=1, le=4096, description="Side of the square patch.")
     stride: int = Field(default=8, ge=1, le=4096)

@@ -23,7 +23,8 @@ from service.metrics import ServiceMetrics
 from service.metrics import router as metrics_router
 from service.middleware import BodyLimitMiddleware
 from service.observability import RequestContextMiddleware
-from service.routes import explain, health, models
+from service.routes import explain, health, insight, models
+from service.routes import maximize as maximize_routes
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -101,6 +102,8 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
     app.include_router(metrics_router)
     app.include_router(models.router)
     app.include_router(explain.router)
+    app.include_router(insight.router)
+    app.include_router(maximize_routes.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

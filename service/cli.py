@@ -475,6 +475,35 @@ def _add_explain_parser(commands: "argparse._SubParsersAction[argparse.ArgumentP
     explain.set_defaults(handler=_explain)
 
 
+def _summary(args: argparse.Namespace) -> int:
+    from engines.errors import EngineError
+    from engines.insight import load_graph, summarize, summary_text
+
+    settings = Settings()
+    repository = Path(args.repository) if args.repository else settings.model_repository
+    try:
+        model = _load_model(args.model, repository, settings)
+        graph = load_graph(model.model_path, model.sha256)
+        summary = summarize(graph, model.input_name, model.config.input)
+    except _Failure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except EngineError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    sys.stdout.write(summary_text(summary, args.model))
+    return 0
+
+
+def _add_summary_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    summary = commands.add_parser("summary", help="print a model's layer table")
+    summary.add_argument("model", help="a model folder name in the repository")
+    summary.add_argument(
+        "--repository", help="model folder (default: ONNX_EXPLAIN_MODEL_REPOSITORY)"
+    )
+    summary.set_defaults(handler=_summary)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnx-explain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -507,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = model_commands.add_parser("list", help="names `models build` knows")
     listing.set_defaults(handler=_models_list)
     _add_explain_parser(commands)
+    _add_summary_parser(commands)
     return parser
 
 

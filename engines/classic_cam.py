@@ -1,0 +1,193 @@
+"""The original class activation map (Zhou et al. 2016) for models ending in GAP + linear.
+
+When the output is `W @ mean_hw(A) + b`, class c's map is `sum_k W[c, k] * A_k`: no gradients
+are needed. The head is found in the ONNX graph: a Gemm (or MatMul + Add) with a constant weight,
+fed through Flatten/Reshape/Squeeze/Identity only by GlobalAveragePool (or ReduceMean over the
+spatial axes) of a 4-D tensor.
+"""
+
+import threading
+from dataclasses import dataclass
+from typing import ClassVar
+
+import cv2
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from engines.errors import UnsupportedModel
+from engines.explain import Explained, Explainer, TargetMap, WorkLimits, spatial_size
+from engines.model import LoadedModel
+from schemas.params import ClassicCamParams
+
+PASS_THROUGH = {"Flatten", "Reshape", "Squeeze", "Identity"}
+
+
+@dataclass(frozen=True)
+class CamHead:
+    feature: str
+    """The 4-D tensor that is globally average-pooled."""
+    channel_axis: int
+    """1 (NCHW feature map) or 3 (NHWC)."""
+    weights: np.ndarray
+    """(classes, channels): the linear layer's weight, as W @ pooled."""
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: object) -> object:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _reduce_axes(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[int] | None:
+    axes = _attribute(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        found = constants.get(node.input[1])
+        axes = None if found is None else found.tolist()
+    if axes is None or not isinstance(axes, list):
+        return None
+    return sorted(int(a) % 4 for a in axes)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # best effort: without shapes the rank check is skipped
+        inferred = model
+    graph = inferred.graph
+    ranks: dict[str, int] = {}
+    for value_info in [*graph.value_info, *graph.input, *graph.output]:
+        tensor_type = value_info.type.tensor_type
+        if tensor_type.HasField("shape"):
+            ranks[value_info.name] = len(tensor_type.shape.dim)
+    return ranks
+
+
+def find_cam_head(model: onnx.ModelProto, output: str) -> CamHead:
+    """The GAP + linear head producing `output`, or UnsupportedModel saying what is missing."""
+    graph = model.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = _attribute(node, "value", None)
+            if isinstance(value, onnx.TensorProto):
+                constants[node.output[0]] = numpy_helper.to_array(value)
+    producers = {name: node for node in graph.node for name in node.output}
+
+    def producer(name: str) -> onnx.NodeProto | None:
+        return producers.get(name)
+
+    head = producer(output)
+    while head is not None and head.op_type in PASS_THROUGH:
+        head = producer(head.input[0])
+    if head is None:
+        raise UnsupportedModel("CAM needs a linear output layer; the output is a graph input")
+    weights: np.ndarray
+    if head.op_type == "Gemm":
+        if int(_attribute(head, "transA", 0)) != 0:  # type: ignore[call-overload]
+            raise UnsupportedModel("CAM: the output Gemm transposes its input (transA)")
+        b = constants.get(head.input[1])
+        if b is None or b.ndim != 2:
+            raise UnsupportedModel("CAM: the output Gemm's weight is not a constant matrix")
+        trans_b = int(_attribute(head, "transB", 0))  # type: ignore[call-overload]
+        alpha = float(_attribute(head, "alpha", 1.0))  # type: ignore[arg-type]
+        weights = alpha * (b if trans_b else b.T)
+        pooled = head.input[0]
+    else:
+        matmul = head
+        if head.op_type == "Add":
+            matmul = next(
+                (
+                    found
+                    for name in head.input
+                    if (found := producer(name)) is not None and found.op_type == "MatMul"
+                ),
+                head,
+            )
+        if matmul.op_type != "MatMul":
+            raise UnsupportedModel(
+                f"CAM needs the output to come from Gemm or MatMul+Add, not {head.op_type}"
+            )
+        b = constants.get(matmul.input[1])
+        if b is None or b.ndim != 2:
+            raise UnsupportedModel("CAM: the output MatMul's weight is not a constant matrix")
+        weights = b.T
+        pooled = matmul.input[0]
+    pool = producer(pooled)
+    while pool is not None and pool.op_type in PASS_THROUGH:
+        pool = producer(pool.input[0])
+    if pool is None or pool.op_type not in {"GlobalAveragePool", "ReduceMean"}:
+        seen = "a graph input" if pool is None else pool.op_type
+        raise UnsupportedModel(
+            f"CAM needs global average pooling before the linear output layer, found {seen}"
+        )
+    channel_axis = 1
+    if pool.op_type == "ReduceMean":
+        axes = _reduce_axes(pool, constants)
+        if axes == [2, 3]:
+            channel_axis = 1
+        elif axes == [1, 2]:
+            channel_axis = 3
+        else:
+            raise UnsupportedModel("CAM: the ReduceMean before the output is not over space")
+    feature = pool.input[0]
+    rank = _ranks(model).get(feature)
+    if rank is not None and rank != 4:
+        raise UnsupportedModel(f"CAM needs a 4-D feature map before the pooling, not {rank}-D")
+    return CamHead(feature, channel_axis, np.asarray(weights, dtype=np.float64))
+
+
+_heads: dict[str, CamHead | UnsupportedModel] = {}
+_heads_lock = threading.Lock()
+
+
+def cam_head(model: LoadedModel) -> CamHead:
+    """The model's CAM head, found once per model file."""
+    with _heads_lock:
+        found = _heads.get(model.sha256)
+        if found is None:
+            try:
+                found = find_cam_head(onnx.load(str(model.model_path)), model.output_name)
+            except UnsupportedModel as exc:
+                found = exc
+            _heads[model.sha256] = found
+    if isinstance(found, UnsupportedModel):
+        raise UnsupportedModel(found.message)
+    return found
+
+
+class ClassicCam(Explainer):
+    params_model: ClassVar[type[ClassicCamParams]] = ClassicCamParams
+
+    def explain(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: ClassicCamParams,
+        limits: WorkLimits = WorkLimits(),
+    ) -> Explained:
+        head = cam_head(model)
+        probabilities = model.to_probabilities(model.forward(tensor))[0]
+        if targets is None:
+            targets = np.argsort(-probabilities, kind="stable")[:top_k].tolist()
+        activations = model.layer_activations(tensor, head.feature)
+        if head.channel_axis != 1:
+            activations = np.moveaxis(activations, -1, 1)
+        features = activations[0].astype(np.float64)
+        if features.shape[0] != head.weights.shape[1]:
+            raise UnsupportedModel(
+                f"CAM: the linear layer takes {head.weights.shape[1]} inputs but the pooled "
+                f"feature map has {features.shape[0]} channels"
+            )
+        height, width = spatial_size(model)
+        maps = []
+        for target in targets:
+            cam = np.maximum(np.tensordot(head.weights[target], features, axes=1), 0.0)
+            upsampled = cv2.resize(
+                cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR
+            )
+            maps.append(TargetMap(int(target), upsampled))
+        return Explained(probabilities, maps)

@@ -1,0 +1,147 @@
+"""Activation maximization: the input that maximizes a class score, by gradient ascent.
+
+Each step runs the input-gradient graph seeded with the target's one-hot row, then applies the
+regularizers that keep the image readable: random jitter (undone after the step), L2 decay, a
+Gaussian blur every few steps and clipping to the values real pixels can take.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from engines.deadline import current_deadline
+from engines.explain import seeds_for
+from engines.gradients import GraphKey
+from engines.model import LoadedModel
+from schemas.maximize import MaximizeParams
+from schemas.model_config import InputSpec
+
+INPUT_GRADIENT = GraphKey(layer=None, wrt_input=True, guided=False, top_k_seeds=False)
+EPSILON = 1e-12
+
+StepCallback = Callable[[int, float], None]
+"""Hears `(step, score)` after each step's gradient run."""
+
+
+@dataclass(frozen=True)
+class Maximized:
+    tensor: np.ndarray
+    """The final input, (1, ...) in the model's layout."""
+    pixels: np.ndarray
+    """The final input as RGB uint8 pixels, (H, W, 3)."""
+    score: float
+    """The target's raw output for the final input."""
+    scores: list[float]
+    """The target's output at each step, before that step's update."""
+
+
+def _spatial_axes(spec: InputSpec) -> tuple[int, int]:
+    return (2, 3) if spec.layout == "NCHW" else (1, 2)
+
+
+def _channel_shape(spec: InputSpec) -> tuple[int, ...]:
+    return (1, 3, 1, 1) if spec.layout == "NCHW" else (1, 1, 1, 3)
+
+
+def valid_range(spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel tensor values of pixels 0 and 255, broadcastable over a batch."""
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(_channel_shape(spec))
+    std = np.asarray(spec.std, dtype=np.float32).reshape(_channel_shape(spec))
+    black = (np.float32(0.0) - mean) / std
+    white = (np.float32(255.0 * spec.scale) - mean) / std
+    return np.minimum(black, white), np.maximum(black, white)
+
+
+def to_tensor(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(H, W, 3) RGB pixel values (any float) -> a (1, ...) tensor, as preprocessing does."""
+    values = pixels.astype(np.float32)[None]
+    if spec.color == "BGR":
+        values = values[..., ::-1]
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    values = (values * np.float32(spec.scale) - mean) / std
+    if spec.layout == "NCHW":
+        values = values.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def to_pixels(tensor: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A (1, ...) tensor -> (H, W, 3) RGB uint8 pixels, the inverse of preprocessing."""
+    values = tensor[0].astype(np.float64)
+    if spec.layout == "NCHW":
+        values = values.transpose(1, 2, 0)
+    mean = np.asarray(spec.mean, dtype=np.float64)
+    std = np.asarray(spec.std, dtype=np.float64)
+    values = (values * std + mean) / spec.scale
+    if spec.color == "BGR":
+        values = values[..., ::-1]
+    return np.ascontiguousarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
+def start_tensor(spec: InputSpec, params: MaximizeParams) -> np.ndarray:
+    shape = (spec.height, spec.width, 3)
+    if params.start == "zeros":
+        zeros = to_tensor(np.zeros(shape), spec)
+        return np.zeros_like(zeros)
+    if params.start == "noise":
+        rng = np.random.default_rng(params.seed)
+        return to_tensor(rng.uniform(96.0, 160.0, size=shape), spec)
+    return to_tensor(np.full(shape, 128.0), spec)
+
+
+def blur(tensor: np.ndarray, spec: InputSpec, sigma: float) -> np.ndarray:
+    image = tensor[0].transpose(1, 2, 0) if spec.layout == "NCHW" else tensor[0]
+    blurred = cv2.GaussianBlur(np.ascontiguousarray(image, dtype=np.float32), (0, 0), sigma)
+    if spec.layout == "NCHW":
+        blurred = blurred.transpose(2, 0, 1)
+    return np.ascontiguousarray(blurred[None], dtype=np.float32)
+
+
+def maximize(
+    model: LoadedModel,
+    target: int,
+    params: MaximizeParams,
+    on_step: StepCallback | None = None,
+    start: np.ndarray | None = None,
+) -> Maximized:
+    """Gradient ascent on the input for `params.steps` steps (checks the deadline each step)."""
+    spec = model.config.input
+    axes = _spatial_axes(spec)
+    low, high = valid_range(spec)
+    tensor = (start if start is not None else start_tensor(spec, params)).astype(np.float32)
+    seeds = seeds_for([target], model.num_classes or target + 1)
+    rng = np.random.default_rng(params.seed)
+    deadline = current_deadline()
+    scores: list[float] = []
+    for step in range(params.steps):
+        if deadline is not None:
+            deadline.check()
+        shift = (0, 0)
+        if params.jitter > 0:
+            dy, dx = rng.integers(-params.jitter, params.jitter + 1, size=2)
+            shift = (int(dy), int(dx))
+            tensor = np.roll(tensor, shift, axis=axes)
+        result = model.gradients.run(INPUT_GRADIENT, model.input_name, tensor, seeds=seeds)
+        assert result.grad_input is not None
+        score = float(result.outputs[0, target])
+        gradient = result.grad_input.reshape(tensor.shape).astype(np.float32)
+        if params.normalize_gradient:
+            gradient = gradient / np.float32(np.abs(gradient).mean() + EPSILON)
+        tensor = tensor + np.float32(params.learning_rate) * gradient
+        if params.l2_decay > 0:
+            tensor = tensor * np.float32(1.0 - params.l2_decay)
+        if shift != (0, 0):
+            tensor = np.roll(tensor, (-shift[0], -shift[1]), axis=axes)
+        if params.blur_every > 0 and params.blur_sigma > 0 and (step + 1) % params.blur_every == 0:
+            tensor = blur(tensor, spec, params.blur_sigma)
+        if params.clip:
+            tensor = np.clip(tensor, low, high).astype(np.float32)
+        scores.append(score)
+        if on_step is not None:
+            on_step(step, score)
+    if deadline is not None:
+        deadline.check()
+    final = float(model.forward(tensor)[0, target])
+    return Maximized(tensor, to_pixels(tensor, spec), final, scores)

@@ -1,0 +1,169 @@
+"""POST /v1/models/{name}/maximize: the image that maximizes a class, as JSON or NDJSON steps."""
+
+import asyncio
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from engines.errors import EngineError
+from engines.maximize import Maximized, maximize
+from engines.model import LoadedModel
+from engines.render import encode_png
+from schemas.maximize import MaximizeParams, MaximizeRequest, MaximizeResponse, TensorArray
+from service.errors import InvalidRequest, UnsupportedMediaType
+from service.inputs import describe_validation_error
+from service.routes.models import WORK_ERRORS, ModelName
+from service.state import ServiceState, State
+from service.work import run_engine
+
+router = APIRouter(prefix="/v1/models", tags=["maximize"])
+
+NDJSON = "application/x-ndjson"
+log = logging.getLogger(__name__)
+# Running ascents of streams, kept referenced until they finish (asyncio holds tasks weakly).
+tasks: set[asyncio.Task[None]] = set()
+
+
+class StreamClosed(Exception):
+    """The client went away: the ascent stops at its next step."""
+
+
+def _response(
+    name: str,
+    model: LoadedModel,
+    target: int,
+    parsed: MaximizeRequest,
+    result: Maximized,
+    started: float,
+) -> MaximizeResponse:
+    png = encode_png(result.pixels[..., ::-1])  # encode_png takes BGR
+    array = None
+    if parsed.array:
+        array = TensorArray(
+            shape=list(result.tensor.shape),
+            data=base64.b64encode(result.tensor.astype("<f4").tobytes()).decode(),
+        )
+    return MaximizeResponse(
+        model=name,
+        target=target,
+        label=model.label(target),
+        score=result.score,
+        scores=result.scores,
+        steps=len(result.scores),
+        image=base64.b64encode(png).decode(),
+        array=array,
+        timings_ms={"total": round((time.perf_counter() - started) * 1000, 3)},
+    )
+
+
+def _params(parsed: MaximizeRequest) -> MaximizeParams:
+    return MaximizeParams.model_validate(
+        parsed.model_dump(include=set(MaximizeParams.model_fields))
+    )
+
+
+def _line(event: dict[str, Any]) -> bytes:
+    return (json.dumps(event, separators=(",", ":")) + "\n").encode()
+
+
+def _stream(
+    state: ServiceState, name: str, model: LoadedModel, target: int, parsed: MaximizeRequest
+) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    closed = threading.Event()
+    started = time.perf_counter()
+    params = _params(parsed)
+
+    def on_step(step: int, score: float) -> None:
+        if closed.is_set():
+            raise StreamClosed
+        loop.call_soon_threadsafe(events.put_nowait, {"step": step, "score": score})
+
+    def work() -> Maximized:
+        return maximize(model, target, params, on_step=on_step)
+
+    async def produce() -> None:
+        try:
+            result = await run_engine(state, parsed.timeout_ms, work)
+        except EngineError as exc:
+            await events.put({"error": {"code": exc.code, "message": exc.message}})
+            return
+        except StreamClosed:
+            return
+        except Exception as exc:
+            log.error("maximize stream failed", exc_info=exc)
+            await events.put({"error": {"code": "internal_error", "message": "internal error"}})
+            return
+        answer = _response(name, model, target, parsed, result, started)
+        await events.put({"result": answer.model_dump(mode="json")})
+
+    async def lines() -> AsyncIterator[bytes]:
+        task = asyncio.create_task(produce())
+        tasks.add(task)
+        try:
+            while True:
+                event = await events.get()
+                yield _line(event)
+                if "result" in event or "error" in event:
+                    break
+        finally:
+            closed.set()
+            task.add_done_callback(tasks.discard)  # runs at once if it is already done
+
+    return lines()
+
+
+async def _read_request(request: Request) -> MaximizeRequest:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type not in ("", "application/json") and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(f"content type {media_type[:100]!r} is not accepted: send JSON")
+    body = await request.body()
+    if not body.strip():
+        raise InvalidRequest('request body is empty: send JSON like {"target": 0}')
+    try:
+        return MaximizeRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from exc
+
+
+REQUEST_BODY: dict[str, object] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": MaximizeRequest.model_json_schema(),
+                "example": {"target": 285, "steps": 100, "stream": False},
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/{name}/maximize",
+    response_model=MaximizeResponse,
+    responses={**WORK_ERRORS, 200: {"content": {NDJSON: {}}}},
+    openapi_extra=REQUEST_BODY,
+    summary="The input that maximizes a class score (activation maximization).",
+)
+async def maximize_class(
+    name: ModelName, request: Request, state: State
+) -> MaximizeResponse | StreamingResponse:
+    started = time.perf_counter()
+    model = state.repository.get(name)
+    parsed = await _read_request(request)
+    target = model.resolve_target(parsed.target)
+    if parsed.stream:
+        return StreamingResponse(_stream(state, name, model, target, parsed), media_type=NDJSON)
+    params = _params(parsed)
+    result = await run_engine(state, parsed.timeout_ms, lambda: maximize(model, target, params))
+    return _response(name, model, target, parsed, result, started)
