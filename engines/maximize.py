@@ -5,16 +5,21 @@ regularizers that keep the image readable: random jitter (undone after the step)
 Gaussian blur every few steps and clipping to the values real pixels can take.
 """
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import onnx
 
 from engines.deadline import current_deadline
+from engines.errors import InvalidParameters
 from engines.explain import seeds_for
 from engines.gradients import GraphKey
+from engines.graphs import GradientSpec, build_gradient_model
 from engines.model import LoadedModel
+from engines.runtime import ModelSession
 from schemas.maximize import MaximizeParams
 from schemas.model_config import InputSpec
 
@@ -110,8 +115,14 @@ def maximize(
     spec = model.config.input
     axes = _spatial_axes(spec)
     low, high = valid_range(spec)
-    tensor = (start if start is not None else start_tensor(spec, params)).astype(np.float32)
-    seeds = seeds_for([target], model.num_classes or target + 1)
+    tensor: np.ndarray = (start if start is not None else start_tensor(spec, params)).astype(
+        np.float32
+    )
+    objective = (
+        channel_objective(model, params.layer, target)
+        if params.layer is not None
+        else class_objective(model, target)
+    )
     rng = np.random.default_rng(params.seed)
     deadline = current_deadline()
     scores: list[float] = []
@@ -123,12 +134,9 @@ def maximize(
             dy, dx = rng.integers(-params.jitter, params.jitter + 1, size=2)
             shift = (int(dy), int(dx))
             tensor = np.roll(tensor, shift, axis=axes)
-        result = model.gradients.run(INPUT_GRADIENT, model.input_name, tensor, seeds=seeds)
-        assert result.grad_input is not None
-        score = float(result.outputs[0, target])
-        gradient = result.grad_input.reshape(tensor.shape).astype(np.float32)
+        score, gradient = objective(tensor)
         if params.normalize_gradient:
-            gradient = gradient / np.float32(np.abs(gradient).mean() + EPSILON)
+            gradient = (gradient / (np.abs(gradient).mean() + EPSILON)).astype(np.float32)
         tensor = tensor + np.float32(params.learning_rate) * gradient
         if params.l2_decay > 0:
             tensor = tensor * np.float32(1.0 - params.l2_decay)
@@ -143,5 +151,70 @@ def maximize(
             on_step(step, score)
     if deadline is not None:
         deadline.check()
-    final = float(model.forward(tensor)[0, target])
+    final, _ = objective(tensor)
     return Maximized(tensor, to_pixels(tensor, spec), final, scores)
+
+
+Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]
+"""An input tensor (1, ...) -> (the score being maximized, its gradient shaped like the input)."""
+
+
+def class_objective(model: LoadedModel, target: int) -> Objective:
+    seeds = seeds_for([target], model.num_classes or target + 1)
+
+    def score(tensor: np.ndarray) -> tuple[float, np.ndarray]:
+        result = model.gradients.run(INPUT_GRADIENT, model.input_name, tensor, seeds=seeds)
+        assert result.grad_input is not None
+        gradient = result.grad_input.reshape(tensor.shape).astype(np.float32)
+        return float(result.outputs[0, target]), gradient
+
+    return score
+
+
+LAYER_MEANS = "maximize/layer_means"
+_channel_sessions: dict[tuple[str, str], tuple[ModelSession, int]] = {}
+_channel_lock = threading.Lock()
+
+
+def layer_means_model(model: LoadedModel, layer: str) -> onnx.ModelProto:
+    """The forward graph with one output: the per-channel spatial means of `layer`, (N, C)."""
+    graph_model = onnx.load(str(model.model_path))
+    graph = graph_model.graph
+    # GlobalAveragePool and Flatten rather than ReduceMean: both have gradient rules.
+    source = layer
+    if model.channel_axis != 1:
+        source = "maximize/channels_first"
+        graph.node.append(onnx.helper.make_node("Transpose", [layer], [source], perm=[0, 3, 1, 2]))
+    graph.node.append(onnx.helper.make_node("GlobalAveragePool", [source], ["maximize/pool"]))
+    graph.node.append(onnx.helper.make_node("Flatten", ["maximize/pool"], [LAYER_MEANS]))
+    del graph.output[:]
+    graph.output.append(
+        onnx.helper.make_tensor_value_info(LAYER_MEANS, onnx.TensorProto.FLOAT, None)
+    )
+    return graph_model
+
+
+def channel_objective(model: LoadedModel, layer: str, channel: int) -> Objective:
+    """Mean activation of one channel of a layer, through a gradient graph of the layer means."""
+    model.gradients.check_layer(layer)
+    info = next(item for item in model.layers if item.name == layer)
+    channels = info.shape[model.channel_axis]
+    if not isinstance(channels, int) or not 0 <= channel < channels:
+        raise InvalidParameters(f"channel {channel} is out of range for layer {layer!r}")
+    key = (model.sha256, layer)
+    with _channel_lock:
+        found = _channel_sessions.get(key)
+        if found is None:
+            spec = GradientSpec(output=LAYER_MEANS, wrt_input=True)
+            gradient_model = build_gradient_model(layer_means_model(model, layer), spec)
+            found = (ModelSession(gradient_model.SerializeToString(), model.options), channels)
+            _channel_sessions[key] = found
+    session, _ = found
+    seeds = seeds_for([channel], channels)
+
+    def score(tensor: np.ndarray) -> tuple[float, np.ndarray]:
+        feeds = {model.input_name: tensor, "seed": seeds}
+        means, gradient = session.run(feeds, [LAYER_MEANS, "grad_input"])
+        return float(means[0, channel]), gradient.reshape(tensor.shape).astype(np.float32)
+
+    return score

@@ -14,6 +14,12 @@ class MaximizeParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    layer: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Maximize the mean activation of channel `target` of this layer (one of "
+        "the layers GET /v1/models/{name} lists) instead of a class score.",
+    )
     steps: int = Field(default=100, ge=1, le=MAX_STEPS)
     learning_rate: float = Field(
         default=0.05,
@@ -55,7 +61,8 @@ class MaximizeParams(BaseModel):
 
 class MaximizeRequest(MaximizeParams):
     target: int | Annotated[str, Field(min_length=1, max_length=256)] = Field(
-        description="The class to maximize: an index or a label name."
+        description="The class to maximize (an index or a label name), or with `layer` the "
+        "channel index of that layer whose mean activation is maximized."
     )
     stream: bool = Field(
         default=False,

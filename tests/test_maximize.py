@@ -158,3 +158,38 @@ def test_the_deadline_stops_a_long_run(client: TestClient) -> None:
     events = stream_events(client, EFFICIENTNET, body)
     assert events[-1]["error"]["code"] == "deadline_exceeded"
     assert "result" not in events[-1]
+
+
+def test_a_layer_channel_can_be_maximized(tmp_path: Path) -> None:
+    """Channel 0 of the tiny CNN's ReLU layer is ReLU(red); its mean rises as red grows."""
+    write_model_folder(tmp_path / "cnn", scale=1 / 255, std=(0.5, 0.5, 0.5))
+    with make_client(tmp_path) as cnn_client:
+        response = cnn_client.post(
+            "/v1/models/cnn/maximize",
+            json={
+                "target": 0,
+                "layer": "relu",
+                "steps": 10,
+                "jitter": 0,
+                "blur_every": 0,
+                "l2_decay": 0.0,
+                "clip": False,
+                "array": True,
+            },
+        )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["label"] == "relu[0]"
+        assert all(b > a for a, b in itertools.pairwise(answer["scores"]))
+        final = tensor_of(answer)
+        # Only the red channel feeds channel 0: green and blue never move from grey.
+        assert final[0, 0].mean() > final[0, 1].mean()
+        np.testing.assert_allclose(final[0, 1], final[0, 2], atol=1e-6)
+        bad = cnn_client.post(
+            "/v1/models/cnn/maximize", json={"target": 9, "layer": "relu", "steps": 1}
+        )
+        assert bad.status_code == 422
+        unknown = cnn_client.post(
+            "/v1/models/cnn/maximize", json={"target": 0, "layer": "nope", "steps": 1}
+        )
+        assert unknown.status_code == 422

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from engines.errors import EngineError
+from engines.errors import EngineError, InvalidParameters
 from engines.maximize import Maximized, maximize
 from engines.model import LoadedModel
 from engines.render import encode_png
@@ -54,7 +54,7 @@ def _response(
     return MaximizeResponse(
         model=name,
         target=target,
-        label=model.label(target),
+        label=model.label(target) if parsed.layer is None else f"{parsed.layer}[{target}]",
         score=result.score,
         scores=result.scores,
         steps=len(result.scores),
@@ -161,7 +161,12 @@ async def maximize_class(
     started = time.perf_counter()
     model = state.repository.get(name)
     parsed = await _read_request(request)
-    target = model.resolve_target(parsed.target)
+    if parsed.layer is None:
+        target = model.resolve_target(parsed.target)
+    elif isinstance(parsed.target, int):
+        target = parsed.target
+    else:
+        raise InvalidParameters("with `layer`, `target` is a channel index")
     if parsed.stream:
         return StreamingResponse(_stream(state, name, model, target, parsed), media_type=NDJSON)
     params = _params(parsed)
