@@ -31,6 +31,14 @@ def layer_gradients(
     return model.gradients.run(key, model.input_name, tensor, seeds=seeds, top_k=top_k)
 
 
+def rectified_map(model: LoadedModel, cam: np.ndarray) -> np.ndarray:
+    """ReLU of an (h, w) class activation map, upsampled to the model's input size."""
+    height, width = spatial_size(model)
+    rectified = np.maximum(cam, 0.0).astype(np.float32)
+    upsampled: np.ndarray = cv2.resize(rectified, (width, height), interpolation=cv2.INTER_LINEAR)
+    return upsampled
+
+
 def resolve_layer(model: LoadedModel, params: CamParams) -> str:
     layer = params.layer or model.default_layer
     if layer is None:
@@ -56,14 +64,11 @@ class CamExplainer(Explainer):
         assert result.grad_layer is not None
         activations = channels_first(result.activation, model.channel_axis)[0]
         gradients = channels_first(result.grad_layer, model.channel_axis)
-        height, width = spatial_size(model)
-        maps = []
-        for target, grad in zip(result.targets.tolist(), gradients, strict=True):
-            cam = np.maximum(self.combine(activations.astype(np.float64), grad), 0.0)
-            upsampled = cv2.resize(
-                cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR
-            )
-            maps.append(TargetMap(int(target), upsampled))
+        features = activations.astype(np.float64)
+        maps = [
+            TargetMap(int(target), rectified_map(model, self.combine(features, grad)))
+            for target, grad in zip(result.targets.tolist(), gradients, strict=True)
+        ]
         return Explained(model.to_probabilities(result.outputs)[0], maps)
 
     def combine(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:

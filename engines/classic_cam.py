@@ -10,13 +10,13 @@ import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
-import cv2
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from engines.cam import rectified_map
 from engines.errors import UnsupportedModel
-from engines.explain import Explained, Explainer, TargetMap, WorkLimits, spatial_size
+from engines.explain import Explained, Explainer, TargetMap, WorkLimits, clean_targets
 from engines.model import LoadedModel
 from schemas.params import ClassicCamParams
 
@@ -170,9 +170,7 @@ class ClassicCam(Explainer):
         limits: WorkLimits = WorkLimits(),
     ) -> Explained:
         head = cam_head(model)
-        probabilities = model.to_probabilities(model.forward(tensor))[0]
-        if targets is None:
-            targets = np.argsort(-probabilities, kind="stable")[:top_k].tolist()
+        probabilities, targets = clean_targets(model, tensor, targets, top_k)
         activations = model.layer_activations(tensor, head.feature)
         if head.channel_axis != 1:
             activations = np.moveaxis(activations, -1, 1)
@@ -182,12 +180,8 @@ class ClassicCam(Explainer):
                 f"CAM: the linear layer takes {head.weights.shape[1]} inputs but the pooled "
                 f"feature map has {features.shape[0]} channels"
             )
-        height, width = spatial_size(model)
-        maps = []
-        for target in targets:
-            cam = np.maximum(np.tensordot(head.weights[target], features, axes=1), 0.0)
-            upsampled = cv2.resize(
-                cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR
-            )
-            maps.append(TargetMap(int(target), upsampled))
+        maps = [
+            TargetMap(int(t), rectified_map(model, np.tensordot(head.weights[t], features, axes=1)))
+            for t in targets
+        ]
         return Explained(probabilities, maps)

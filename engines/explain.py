@@ -60,5 +60,15 @@ def seeds_for(targets: list[int], num_classes: int) -> np.ndarray:
     return seeds
 
 
+def clean_targets(
+    model: LoadedModel, tensor: np.ndarray, targets: list[int] | None, top_k: int
+) -> tuple[np.ndarray, list[int]]:
+    """Class probabilities of the clean image, and the targets (its top-k when none given)."""
+    probabilities = model.to_probabilities(model.forward(tensor))[0]
+    if targets is None:
+        targets = [p.index for p in model.top_predictions(probabilities, top_k)]
+    return probabilities, targets
+
+
 def spatial_size(model: LoadedModel) -> tuple[int, int]:
     return model.config.input.height, model.config.input.width

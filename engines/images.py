@@ -181,6 +181,16 @@ def input_region(height: int, width: int, spec: InputSpec) -> Region:
     return Region(top / sy, left / sx, spec.height / sy, spec.width / sx)
 
 
+def blur_tensor(tensor: np.ndarray, channel_axis: int, sigma: float) -> np.ndarray:
+    """Gaussian blur of a (1, ...) input tensor over its spatial axes, in the model's layout.
+
+    Blurring the tensor equals blurring the pixels: normalisation is affine per channel.
+    """
+    image = np.ascontiguousarray(np.moveaxis(tensor[0], channel_axis - 1, -1), dtype=np.float32)
+    blurred = cv2.GaussianBlur(image, (0, 0), sigma)
+    return np.ascontiguousarray(np.moveaxis(blurred, -1, channel_axis - 1)[None])
+
+
 def fit_to_input(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Resize (or scale and centre-crop) an RGB image to the model's input size."""
     height, width = image.shape[:2]

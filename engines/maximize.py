@@ -9,7 +9,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import onnx
 
@@ -18,6 +17,7 @@ from engines.errors import InvalidParameters
 from engines.explain import seeds_for
 from engines.gradients import GraphKey
 from engines.graphs import GradientSpec, build_gradient_model
+from engines.images import blur_tensor, preprocess
 from engines.model import LoadedModel
 from engines.runtime import ModelSession
 from schemas.maximize import MaximizeParams
@@ -60,16 +60,8 @@ def valid_range(spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_tensor(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """(H, W, 3) RGB pixel values (any float) -> a (1, ...) tensor, as preprocessing does."""
-    values = pixels.astype(np.float32)[None]
-    if spec.color == "BGR":
-        values = values[..., ::-1]
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    values = (values * np.float32(spec.scale) - mean) / std
-    if spec.layout == "NCHW":
-        values = values.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(values, dtype=np.float32)
+    """(H, W, 3) RGB pixel values (any float) at the input size -> a (1, ...) tensor."""
+    return preprocess([pixels], spec)
 
 
 def to_pixels(tensor: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -94,14 +86,6 @@ def start_tensor(spec: InputSpec, params: MaximizeParams) -> np.ndarray:
         rng = np.random.default_rng(params.seed)
         return to_tensor(rng.uniform(96.0, 160.0, size=shape), spec)
     return to_tensor(np.full(shape, 128.0), spec)
-
-
-def blur(tensor: np.ndarray, spec: InputSpec, sigma: float) -> np.ndarray:
-    image = tensor[0].transpose(1, 2, 0) if spec.layout == "NCHW" else tensor[0]
-    blurred = cv2.GaussianBlur(np.ascontiguousarray(image, dtype=np.float32), (0, 0), sigma)
-    if spec.layout == "NCHW":
-        blurred = blurred.transpose(2, 0, 1)
-    return np.ascontiguousarray(blurred[None], dtype=np.float32)
 
 
 def maximize(
@@ -143,7 +127,7 @@ def maximize(
         if shift != (0, 0):
             tensor = np.roll(tensor, (-shift[0], -shift[1]), axis=axes)
         if params.blur_every > 0 and params.blur_sigma > 0 and (step + 1) % params.blur_every == 0:
-            tensor = blur(tensor, spec, params.blur_sigma)
+            tensor = blur_tensor(tensor, model.channel_axis, params.blur_sigma)
         if params.clip:
             tensor = np.clip(tensor, low, high).astype(np.float32)
         scores.append(score)

@@ -9,13 +9,12 @@ are made with vectorised numpy a batch at a time; the batch size comes from the 
 from collections.abc import Callable
 from typing import ClassVar
 
-import cv2
 import numpy as np
 
 from engines import occlusion_graph
 from engines.errors import InvalidParameters, TooMuchWork, UnsupportedModel
-from engines.explain import Explained, Explainer, TargetMap, WorkLimits
-from engines.images import preprocess
+from engines.explain import Explained, Explainer, TargetMap, WorkLimits, clean_targets
+from engines.images import blur_tensor, preprocess
 from engines.model import LoadedModel
 from schemas.params import OcclusionParams
 
@@ -168,10 +167,7 @@ class Occlusion(Explainer):
         baseline = self.baseline(model, tensor, params)
         scorer = self.scorer(model, params)
 
-        clean_outputs = model.forward(tensor)
-        probabilities = model.to_probabilities(clean_outputs)[0]
-        if targets is None:
-            targets = [p.index for p in model.top_predictions(probabilities, top_k)]
+        probabilities, targets = clean_targets(model, tensor, targets, top_k)
         clean = scorer(tensor)  # (1, S)
         if params.score != "feature_dip":
             clean = clean[:, targets]
@@ -223,11 +219,7 @@ class Occlusion(Explainer):
             mean: np.ndarray = tensor.mean(axis=spatial, keepdims=True)
             return mean
         if params.baseline == "blur":
-            sigma = max(spec.height, spec.width) / 20
-            image = np.moveaxis(tensor[0], channel_axis - 1, -1)
-            blurred: np.ndarray = cv2.GaussianBlur(image, (0, 0), sigma)
-            moved: np.ndarray = np.moveaxis(blurred, -1, channel_axis - 1)[None]
-            return moved.astype(np.float32)
+            return blur_tensor(tensor, channel_axis, max(spec.height, spec.width) / 20)
         pixels = np.full((spec.height, spec.width, 3), params.value, dtype=np.uint8)
         return preprocess([pixels], spec)
 

@@ -6,14 +6,20 @@ tensor; the pipeline reduces the channels and returns one map per target.
 
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 from pydantic import BaseModel
 
 from engines.cam import GradCam, channels_first
-from engines.explain import Explained, Explainer, TargetMap, WorkLimits, seeds_for
+from engines.explain import (
+    Explained,
+    Explainer,
+    TargetMap,
+    WorkLimits,
+    clean_targets,
+    seeds_for,
+)
 from engines.gradients import GraphKey
-from engines.images import preprocess
+from engines.images import blur_tensor, preprocess
 from engines.model import LoadedModel
 from schemas.params import (
     GradientTimesInputParams,
@@ -120,15 +126,6 @@ def mean_input_gradient(model: LoadedModel, rows: np.ndarray, target: int) -> np
     return averaged
 
 
-def clean_targets(
-    model: LoadedModel, tensor: np.ndarray, targets: list[int] | None, top_k: int
-) -> tuple[np.ndarray, list[int]]:
-    probabilities = model.to_probabilities(model.forward(tensor))[0]
-    if targets is None:
-        targets = [p.index for p in model.top_predictions(probabilities, top_k)]
-    return probabilities, targets
-
-
 class SmoothGrad(InputGradientExplainer):
     params_model = SmoothGradParams
 
@@ -177,14 +174,7 @@ class IntegratedGradients(InputGradientExplainer):
         value = {"black": 0.0, "white": 255.0, "grey": 128.0, "blur": None}[kind]
         spec = model.config.input
         if value is None:
-            # Blurring the tensor equals blurring the pixels: normalisation is affine per channel.
-            image = tensor[0]
-            sigma = max(spec.height, spec.width) / 20
-            if model.channel_axis == 1:
-                blurred = np.stack([cv2.GaussianBlur(c, (0, 0), sigma) for c in image])
-            else:
-                blurred = cv2.GaussianBlur(image, (0, 0), sigma)
-            return blurred[None].astype(np.float32)
+            return blur_tensor(tensor, model.channel_axis, max(spec.height, spec.width) / 20)
         pixels = np.full((spec.height, spec.width, 3), value, dtype=np.float32)
         return preprocess([pixels.astype(np.uint8)], spec)
 
