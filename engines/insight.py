@@ -15,7 +15,8 @@ import onnx
 from onnx import numpy_helper
 
 from engines.errors import InvalidParameters, UnsupportedModel
-from engines.layers import _shape_of
+from engines.layers import shape_of
+from engines.render import minmax
 from schemas.model_config import InputSpec
 
 Shape = tuple[int | str, ...]
@@ -94,7 +95,7 @@ def summarize(model: onnx.ModelProto, input_name: str, spec: InputSpec) -> Summa
     graph = inferred.graph
     shapes: dict[str, Shape] = {}
     for value_info in [*graph.input, *graph.value_info, *graph.output]:
-        found = _shape_of(value_info)
+        found = shape_of(value_info)
         if found is not None:
             shapes[value_info.name] = found
     sizes = {init.name: math.prod(init.dims) for init in graph.initializer}
@@ -171,16 +172,6 @@ class Grid:
     tile: tuple[int, int]
     tiles: int
     color: str
-
-
-def unit_scale(values: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1]; a constant (or non-finite) tile becomes all zeros."""
-    values = values.astype(np.float32, copy=False)
-    low, high = float(np.min(values)), float(np.max(values))
-    if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
-        return np.zeros(values.shape, dtype=np.float32)
-    scaled: np.ndarray = (values - np.float32(low)) / np.float32(high - low)
-    return scaled
 
 
 def tile_size(height: int, width: int) -> tuple[int, int]:
@@ -293,10 +284,10 @@ def filter_grid(weights: np.ndarray) -> FilterGrid:
     a grayscale tile per input channel (capped so the grid has at most MAX_FILTER_TILES)."""
     count, inputs = weights.shape[:2]
     if inputs == 3:
-        tiles = [unit_scale(w).transpose(1, 2, 0) for w in weights]
+        tiles = [minmax(w).transpose(1, 2, 0) for w in weights]
         return FilterGrid(make_grid(tiles), 3)
     shown = max(1, min(inputs, MAX_FILTER_TILES // max(1, count)))
-    tiles = [unit_scale(w[c]) for w in weights for c in range(shown)]
+    tiles = [minmax(w[c]) for w in weights for c in range(shown)]
     return FilterGrid(make_grid(tiles, cols=shown), shown)
 
 
@@ -326,5 +317,5 @@ def pick_channels(total: int, chosen: list[int] | None, cap: int, layer: str) ->
 
 def activation_grid(maps: np.ndarray, channels: list[int]) -> Grid:
     """(C, H, W) maps -> a grid of the chosen channels, each min-max scaled and numbered."""
-    tiles = [unit_scale(maps[c]) for c in channels]
+    tiles = [minmax(maps[c]) for c in channels]
     return make_grid(tiles, labels=[str(c) for c in channels])

@@ -14,7 +14,7 @@ class LayerInfo:
     shape: tuple[int | str, ...]
 
 
-def _shape_of(value_info: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
+def shape_of(value_info: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
     tensor_type = value_info.type.tensor_type
     if not tensor_type.HasField("shape"):
         return None
@@ -36,7 +36,7 @@ def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
     graph = inferred.graph
     shapes: dict[str, tuple[int | str, ...]] = {}
     for value_info in [*graph.value_info, *graph.output]:
-        shape = _shape_of(value_info)
+        shape = shape_of(value_info)
         if shape is not None:
             shapes[value_info.name] = shape
     spatial_axes = (2, 3) if spec.layout == "NCHW" else (1, 2)
