@@ -168,7 +168,8 @@ class Occlusion(Explainer):
         scorer = self.scorer(model, params)
 
         probabilities, targets = clean_targets(model, tensor, targets, top_k)
-        clean = scorer(tensor)  # (1, S)
+        # The clean probabilities are already at hand; other scores need their own pass.
+        clean = probabilities[None] if params.score == "probability" else scorer(tensor)
         if params.score != "feature_dip":
             clean = clean[:, targets]
 
