@@ -5,6 +5,7 @@ writes them into the model's own folder (what a deployment ships); otherwise the
 first use into the cache folder, since deployments mount model folders read-only.
 """
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -25,7 +26,7 @@ from engines.runtime import ModelSession, RuntimeOptions
 
 PREPARED_FOLDER = "gradients"
 # Bumped whenever the graphs we build change shape, so stale cached files are never reused.
-GRAPH_FORMAT = "g2"
+GRAPH_FORMAT = "g3"
 SEED_INPUT = "seed"
 TOP_K_INPUT = "top_k"
 TARGETS_OUTPUT = "targets"
@@ -39,6 +40,9 @@ class GraphKey:
     top_k_seeds: bool
     """Seeds are the one-hot top-k classes of the model's own output, chosen inside the graph,
     so a request without explicit targets still costs a single run."""
+    paired: bool = False
+    """One seed per image (see `GradientSpec.paired`); with top-k seeds, each image's top-1.
+    `GradientGraphs.run` picks it by itself whenever the rows pair up."""
 
     def file_name(self, model_sha256: str) -> str:
         parts = [model_sha256[:16], GRAPH_FORMAT]
@@ -50,6 +54,8 @@ class GraphKey:
             parts.append("input")
         if self.guided:
             parts.append("guided")
+        if self.paired:
+            parts.append("paired")
         parts.append("topk" if self.top_k_seeds else "seeded")
         return "-".join(parts) + ".onnx"
 
@@ -80,18 +86,20 @@ class GradientResult:
         )
 
 
-def add_top_k_seeds(model: onnx.ModelProto, output: str, num_classes: int) -> onnx.ModelProto:
+def add_top_k_seeds(
+    model: onnx.ModelProto, output: str, num_classes: int, *, paired: bool = False
+) -> onnx.ModelProto:
     """Replace the `seed` input by one-hot rows of the top-k classes of `output`.
 
-    Valid for one image with k >= 1, or several images with k = 1.
-
-    Adds an int64 input `top_k` of shape [1] and an output `targets` [k].
+    Valid for one image with k >= 1, or several images with k = 1; a paired graph takes
+    each image's top-1 (ArgMax keeps the batch dimension the seed must share) and has no
+    `top_k` input. Otherwise adds an int64 input `top_k` of shape [1]. Adds an output
+    `targets` with the class of each seed row.
     """
     graph = model.graph
     kept_inputs = [i for i in graph.input if i.name != SEED_INPUT]
     del graph.input[:]
     graph.input.extend(kept_inputs)
-    graph.input.append(helper.make_tensor_value_info(TOP_K_INPUT, TensorProto.INT64, [1]))
     prefix = "topk_seed/"
     graph.initializer.extend(
         [
@@ -100,12 +108,19 @@ def add_top_k_seeds(model: onnx.ModelProto, output: str, num_classes: int) -> on
             helper.make_tensor(prefix + "flat", TensorProto.INT64, [1], [-1]),
         ]
     )
+    if paired:
+        choose = [helper.make_node("ArgMax", [output], [TARGETS_OUTPUT], axis=-1, keepdims=0)]
+    else:
+        graph.input.append(helper.make_tensor_value_info(TOP_K_INPUT, TensorProto.INT64, [1]))
+        choose = [
+            helper.make_node(
+                "TopK", [output, TOP_K_INPUT], [prefix + "scores", prefix + "indices"], axis=-1
+            ),
+            # (N, k) -> (N * k,): one image with k seeds, or N images with one seed each.
+            helper.make_node("Reshape", [prefix + "indices", prefix + "flat"], [TARGETS_OUTPUT]),
+        ]
     nodes = [
-        helper.make_node(
-            "TopK", [output, TOP_K_INPUT], [prefix + "scores", prefix + "indices"], axis=-1
-        ),
-        # (N, k) -> (N * k,): one image with k seeds, or N images with one seed each.
-        helper.make_node("Reshape", [prefix + "indices", prefix + "flat"], [TARGETS_OUTPUT]),
+        *choose,
         helper.make_node(
             "OneHot", [TARGETS_OUTPUT, prefix + "depth", prefix + "values"], [SEED_INPUT], axis=-1
         ),
@@ -116,7 +131,14 @@ def add_top_k_seeds(model: onnx.ModelProto, output: str, num_classes: int) -> on
     reordered = [*graph.node[: producer + 1], *nodes, *graph.node[producer + 1 :]]
     del graph.node[:]
     graph.node.extend(reordered)
-    graph.output.append(helper.make_tensor_value_info(TARGETS_OUTPUT, TensorProto.INT64, ["k"]))
+    # A paired graph's targets keep the images' batch dimension: declaring another name here
+    # would override it and cost the backward its blocked layout.
+    scores = next(o for o in graph.output if o.name == output).type.tensor_type.shape.dim
+    batch = (scores[0].dim_param or scores[0].dim_value or None) if scores else None
+    targets_dim = batch if paired else "k"
+    graph.output.append(
+        helper.make_tensor_value_info(TARGETS_OUTPUT, TensorProto.INT64, [targets_dim])
+    )
     return model
 
 
@@ -178,11 +200,17 @@ class GradientGraphs:
     def build(self, key: GraphKey) -> onnx.ModelProto:
         forward = onnx.load(str(self.model_path))
         spec = GradientSpec(
-            output=self.output, layer=key.layer, wrt_input=key.wrt_input, guided=key.guided
+            output=self.output,
+            layer=key.layer,
+            wrt_input=key.wrt_input,
+            guided=key.guided,
+            paired=key.paired,
         )
         gradient_model = build_gradient_model(forward, spec)
         if key.top_k_seeds:
-            gradient_model = add_top_k_seeds(gradient_model, self.output, self.num_classes)
+            gradient_model = add_top_k_seeds(
+                gradient_model, self.output, self.num_classes, paired=key.paired
+            )
         return gradient_model
 
     def prepare(self, key: GraphKey, folder: Path) -> Path:
@@ -225,9 +253,11 @@ class GradientGraphs:
         top_k: int | None = None,
     ) -> GradientResult:
         """One gradient run; single-image, single-target runs are batched across requests."""
-        single = batch.shape[0] == 1 and (
-            top_k == 1 if key.top_k_seeds else seeds is not None and seeds.shape[0] == 1
+        one_seed_each = (
+            top_k == 1 if key.top_k_seeds else seeds is not None and seeds.shape[0] == len(batch)
         )
+        key = dataclasses.replace(key, paired=one_seed_each)
+        single = batch.shape[0] == 1 and one_seed_each
         if self.batch_policy is None or not single:
             return self._run(key, input_name, batch, seeds, top_k)
         return self._batcher(key, input_name).submit((batch, seeds))
@@ -273,10 +303,15 @@ class GradientGraphs:
         if key.top_k_seeds:
             if top_k is None or (batch.shape[0] != 1 and top_k != 1):
                 raise ValueError("top-k seeding needs one image, or several with top_k 1")
-            feeds[TOP_K_INPUT] = np.array([top_k], dtype=np.int64)
+            if key.paired and top_k != 1:
+                raise ValueError("a paired top-k graph seeds each image's top-1 only")
+            if not key.paired:
+                feeds[TOP_K_INPUT] = np.array([top_k], dtype=np.int64)
         else:
             if seeds is None:
                 raise ValueError("seeded gradient graphs need seeds")
+            if key.paired and len(seeds) != len(batch):
+                raise ValueError("a paired gradient graph needs one seed per image")
             feeds[SEED_INPUT] = seeds.astype(np.float32, copy=False)
         names = [self.output]
         if key.layer is not None:

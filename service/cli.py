@@ -84,14 +84,16 @@ def _prepare(args: argparse.Namespace) -> int:
         model = LoadedModel(args.model, repository / args.model, RuntimeOptions(providers="cpu"))
         layers = args.layer or ([model.default_layer] if model.default_layer else [])
         keys = [
-            GraphKey(layer, wrt_input=False, guided=False, top_k_seeds=top_k)
+            GraphKey(layer, wrt_input=False, guided=False, top_k_seeds=top_k, paired=paired)
             for layer in layers
             for top_k in (False, True)
+            for paired in (False, True)
         ]
         keys += [
-            GraphKey(None, wrt_input=True, guided=guided, top_k_seeds=top_k)
+            GraphKey(None, wrt_input=True, guided=guided, top_k_seeds=top_k, paired=paired)
             for guided in (False, True)
             for top_k in (False, True)
+            for paired in (False, True)
         ]
         for key in keys:
             path = model.gradients.prepare(key, model.gradients.prepared_dir)

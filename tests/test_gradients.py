@@ -7,6 +7,7 @@ onnx.reference, all perturbations evaluated as one batch. Inputs are random norm
 far (relative to the step) from the kinks of ReLU, Clip and MaxPool with overwhelming odds.
 """
 
+import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from engines.errors import InvalidParameters, UnsupportedModel
+from engines.gradients import add_top_k_seeds
 from engines.graphs import GradientSpec, build_gradient_model, supported_ops
 
 Array = npt.NDArray[Any]
@@ -559,9 +561,8 @@ def test_layer_gradient_matches_finite_differences(wrt_input: bool) -> None:
         GradientSpec("logits", layer="mid"),
         GradientSpec("logits", layer="act", wrt_input=True),
         GradientSpec("logits", wrt_input=True, guided=True),
-        GradientSpec("logits", layer="act", wrt_input=True, tile_input=True),
     ],
-    ids=["layer", "layer_and_input", "guided_input", "tiled"],
+    ids=["layer", "layer_and_input", "guided_input"],
 )
 def test_several_seeds_for_one_image_equal_separate_runs(spec: GradientSpec) -> None:
     model = classifier(NETWORK)
@@ -577,8 +578,7 @@ def test_several_seeds_for_one_image_equal_separate_runs(spec: GradientSpec) -> 
             np.testing.assert_allclose(together[name][m], alone[name][0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("tile_input", [True, False])
-def test_several_seeds_for_one_image_match_finite_differences(tile_input: bool) -> None:
+def test_several_seeds_for_one_image_match_finite_differences() -> None:
     case = Case(
         "broadcasting",
         (4, 3),
@@ -595,13 +595,35 @@ def test_several_seeds_for_one_image_match_finite_differences(tile_input: bool) 
     model = classifier(case)
     x = _array(1, *case.shape, seed=3)
     seeds = _array(3, CLASSES, seed=4)
-    spec = GradientSpec("logits", wrt_input=True, tile_input=tile_input)
+    spec = GradientSpec("logits", wrt_input=True)
     outputs = run_gradients(model, spec, x, seeds)
     assert_close(outputs["grad_input"], numeric_gradient(model, x, seeds))
 
 
+def test_paired_seeds_match_finite_differences_and_the_unpaired_graph() -> None:
+    model = classifier(NETWORK)
+    x = _array(BATCH, *NETWORK.shape, seed=11)
+    seeds = _array(BATCH, CLASSES, seed=12)
+    paired_spec = GradientSpec("logits", layer="mid", wrt_input=True, paired=True)
+    paired = run_gradients(model, paired_spec, x, seeds)
+    plain = run_gradients(model, GradientSpec("logits", layer="mid", wrt_input=True), x, seeds)
+    assert_close(paired["grad_input"], numeric_gradient(model, x, seeds))
+    for name in ("logits", "activation", "grad_layer", "grad_input"):
+        np.testing.assert_allclose(paired[name], plain[name], rtol=1e-6, atol=1e-7)
+
+
+def test_paired_graph_gives_the_seed_the_input_batch_dimension() -> None:
+    model = classifier(NETWORK)
+    graph = build_gradient_model(model, GradientSpec("logits", wrt_input=True, paired=True)).graph
+    dims = {i.name: i.type.tensor_type.shape.dim[0] for i in graph.input}
+    assert dims["seed"] == dims["x"]
+    unpaired = build_gradient_model(model, GradientSpec("logits", wrt_input=True)).graph
+    dims = {i.name: i.type.tensor_type.shape.dim[0] for i in unpaired.input}
+    assert dims["seed"] != dims["x"]
+
+
 def test_untiled_seeds_may_be_computed_from_the_output() -> None:
-    """Without tiling the seed can be replaced by a function of the scores (in-graph top-k)."""
+    """The seed can be replaced by a function of the scores (in-graph top-k)."""
     model = classifier(NETWORK)
     x = _array(1, *NETWORK.shape, seed=7)
     spec = GradientSpec("logits", layer="mid", wrt_input=True)
@@ -764,7 +786,7 @@ def test_opsets(case: Case, opset: int, expected: int) -> None:
     model.opset_import[0].version = opset  # these ops read the same at every opset here
     x = _array(BATCH, *case.shape, seed=7)
     seeds = _array(BATCH, CLASSES, seed=8)
-    spec = GradientSpec("logits", wrt_input=True, tile_input=True)  # tiling reads Shape
+    spec = GradientSpec("logits", wrt_input=True, paired=True)
     assert build_gradient_model(model, spec).opset_import[0].version == expected
     outputs = run_gradients(model, spec, x, seeds)
     assert_close(outputs["grad_input"], numeric_gradient(model, x, seeds))
@@ -832,14 +854,49 @@ def test_lite0_gradcam_layer_gradient_is_the_fc_row_over_49(lite0: onnx.ModelPro
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("tile_input", [False, True])
-def test_lite0_several_seeds_saliency_equals_separate_runs(
-    lite0: onnx.ModelProto, tile_input: bool
-) -> None:
+def _optimized_session(model: onnx.ModelProto) -> tuple[ort.InferenceSession, int]:
+    """A session and the number of layout reorders onnxruntime put into its graph."""
+    with tempfile.TemporaryDirectory() as scratch:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    return session, sum(n.op_type.startswith("Reorder") for n in optimized.graph.node)
+
+
+def test_lite0_paired_saliency_equals_unpaired_and_stays_blocked(lite0: onnx.ModelProto) -> None:
+    """Paired seeds keep onnxruntime's backward in NCHWc: no reorder per activation."""
+    x = np.random.default_rng(3).uniform(-1, 1, (2, 3, 224, 224)).astype(np.float32)
+    seeds = np.zeros((2, 1000), np.float32)
+    seeds[0, 7], seeds[1, 400] = 1.0, 1.0
+    results, reorders = [], []
+    for paired in (True, False):
+        model = build_gradient_model(lite0, GradientSpec("logits", wrt_input=True, paired=paired))
+        session, count = _optimized_session(model)
+        reorders.append(count)
+        results.append(session.run(None, {"input": x, "seed": seeds}))
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+    assert reorders[0] < 20 < reorders[1]
+
+    paired_spec = GradientSpec("logits", wrt_input=True, paired=True)
+    top_1 = add_top_k_seeds(build_gradient_model(lite0, paired_spec), "logits", 1000, paired=True)
+    session, count = _optimized_session(top_1)
+    assert count < 20
+    logits, grad_input, targets = session.run(None, {"input": x})
+    np.testing.assert_array_equal(targets, logits.argmax(axis=1))
+    seeded = _session(build_gradient_model(lite0, paired_spec))
+    expected = seeded.run(None, {"input": x, "seed": np.eye(1000, dtype=np.float32)[targets]})
+    np.testing.assert_allclose(grad_input, expected[1], rtol=1e-4, atol=1e-7)
+
+
+def test_lite0_several_seeds_saliency_equals_separate_runs(lite0: onnx.ModelProto) -> None:
     x = np.random.default_rng(2).uniform(-1, 1, (1, 3, 224, 224)).astype(np.float32)
     seeds = np.zeros((2, 1000), np.float32)
     seeds[0, 7], seeds[1, 400] = 1.0, 1.0
-    spec = GradientSpec("logits", wrt_input=True, tile_input=tile_input)
+    spec = GradientSpec("logits", wrt_input=True)
     session = _session(build_gradient_model(lite0, spec))
     logits, together = session.run(None, {"input": x, "seed": seeds})
     assert logits.shape == (1, 1000)

@@ -16,6 +16,8 @@ from tests.images import solid
 from tests.tiny_models import write_model_folder
 
 CAM = GraphKey("relu", wrt_input=False, guided=False, top_k_seeds=False)
+# One seed for one image: the run uses the paired variant of the graph.
+CAM_USED = GraphKey("relu", wrt_input=False, guided=False, top_k_seeds=False, paired=True)
 
 
 def run_cam(model: LoadedModel) -> np.ndarray:
@@ -32,10 +34,10 @@ def test_prepare_writes_graphs_into_the_model_folder(
     write_model_folder(tmp_path / "tiny")
     assert main(["prepare", "tiny", "--repository", str(tmp_path)]) == 0
     written = [Path(line) for line in capsys.readouterr().out.split()]
-    assert len(written) == 6
+    assert len(written) == 12
     assert all(p.parent == tmp_path / "tiny" / "gradients" and p.is_file() for p in written)
     model = LoadedModel("tiny", tmp_path / "tiny", CPU, cache_dir=tmp_path / "cache")
-    assert model.gradients.prepared_dir / CAM.file_name(model.sha256) in written
+    assert model.gradients.prepared_dir / CAM_USED.file_name(model.sha256) in written
     run_cam(model)
     assert not (tmp_path / "cache").exists()  # the prepared graph was used, nothing rebuilt
 
@@ -50,7 +52,7 @@ def test_unprepared_graphs_go_to_the_cache_and_survive_a_read_only_model_folder(
         cache = tmp_path / "cache"
         model = LoadedModel("tiny", folder, CPU, cache_dir=cache)
         first = run_cam(model)
-        cached = cache / CAM.file_name(model.sha256)
+        cached = cache / CAM_USED.file_name(model.sha256)
         assert cached.is_file()
         stamp = os.stat(cached).st_mtime_ns
         again = LoadedModel("tiny", folder, CPU, cache_dir=cache)
@@ -66,12 +68,36 @@ def test_graph_file_names_separate_models_layers_and_variants() -> None:
         GraphKey("a_b", False, False, False).file_name("0" * 64),
         GraphKey("a/b", False, False, True).file_name("0" * 64),
         GraphKey(None, True, True, False).file_name("0" * 64),
+        GraphKey(None, True, True, False, paired=True).file_name("0" * 64),
         GraphKey("a/b", False, False, False).file_name("1" * 64),
     }
-    assert len(names) == 5
+    assert len(names) == 6
     assert all("/" not in name for name in names)
 
 
 def test_prepare_refuses_unknown_models(tmp_path: Path) -> None:
     assert main(["prepare", "../etc", "--repository", str(tmp_path)]) == 2
     assert main(["prepare", "missing", "--repository", str(tmp_path)]) == 2
+
+
+def test_runs_with_one_seed_per_image_use_the_paired_graph_and_agree(tmp_path: Path) -> None:
+    model = LoadedModel("tiny", write_model_folder(tmp_path / "tiny"), CPU, cache_dir=None)
+    images = [solid((200, 10, 10), 16, 16), solid((10, 200, 10), 16, 16)]
+    tensor = preprocess(images, model.config.input)
+    graphs, name = model.gradients, model.input_name
+    top_k = GraphKey("relu", wrt_input=True, guided=False, top_k_seeds=True)
+    paired = graphs.run(top_k, name, tensor, top_k=1)
+    scores = model.forward(tensor)
+    seeds = np.eye(3, dtype=np.float32)[scores.argmax(axis=1)]
+    np.testing.assert_array_equal(paired.targets, scores.argmax(axis=1))
+    for row in range(2):
+        # One image, several seeds: the broadcasting graph; its matching row must agree.
+        several = graphs.run(CAM, name, tensor[row : row + 1], seeds=np.eye(3, dtype=np.float32))
+        assert several.grad_layer is not None
+        assert paired.grad_layer is not None
+        target = int(seeds[row].argmax())
+        np.testing.assert_allclose(
+            paired.grad_layer[row], several.grad_layer[target], rtol=1e-5, atol=1e-7
+        )
+    used = {key.paired for key in graphs._sessions}
+    assert used == {True, False}
