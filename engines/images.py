@@ -135,7 +135,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> np.ndarray:
         raise InvalidImage(f"{header.format.upper()} could not be decoded (truncated or corrupt)")
     if bgr.shape[:2] != (header.height, header.width):
         raise InvalidImage("decoded size does not match the size in the image header")
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+    rgb: np.ndarray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
 
 
 def _jpeg_is_complete(data: bytes) -> bool:
@@ -145,18 +146,23 @@ def _jpeg_is_complete(data: bytes) -> bool:
 
 def preprocess(images: list[np.ndarray], spec: InputSpec) -> np.ndarray:
     """RGB uint8 images -> a float32 batch laid out as the model expects."""
-    batch = np.empty((len(images), spec.height, spec.width, 3), dtype=np.float32)
-    for i, image in enumerate(images):
-        batch[i] = fit_to_input(image, spec)
-    if spec.color == "BGR":
-        batch = batch[..., ::-1]
     # mean and std are declared in the model's own channel order.
-    mean = np.asarray(spec.mean, dtype=np.float32)
-    std = np.asarray(spec.std, dtype=np.float32)
-    batch = (batch * np.float32(spec.scale) - mean) / std
-    if spec.layout == "NCHW":
-        batch = batch.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(batch, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float64)
+    gain = (spec.scale / std).astype(np.float32)[:, None, None]
+    offset = (-np.asarray(spec.mean, dtype=np.float64) / std).astype(np.float32)[:, None, None]
+    batch = np.empty((len(images), 3, spec.height, spec.width), dtype=np.float32)
+    for i, image in enumerate(images):
+        fitted = fit_to_input(image, spec)
+        if spec.color == "BGR":
+            fitted = fitted[..., ::-1]
+        # Channel planes first: numpy broadcasts over a last axis of 3 some 20x slower.
+        planes = batch[i]
+        planes[...] = fitted.transpose(2, 0, 1)
+        planes *= gain
+        planes += offset
+    if spec.layout == "NHWC":
+        return np.ascontiguousarray(batch.transpose(0, 2, 3, 1))
+    return batch
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ class RuntimeOptions:
     providers: ProviderPreference = "auto"
     intra_op_threads: int = 0
     inter_op_threads: int = 1
+    spin_wait: bool = True
+    """onnxruntime's pool threads spin between parallel sections; off, they sleep, leaving the
+    cores to the rest of the process (decoding, rendering, HTTP) at some cost in latency."""
 
 
 @functools.cache
@@ -65,6 +68,9 @@ class ModelSession:
         session_options.inter_op_num_threads = options.inter_op_threads
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session_options.log_severity_level = 3
+        if not options.spin_wait:
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session_options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(
                 str(model) if isinstance(model, Path) else model,

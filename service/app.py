@@ -45,6 +45,7 @@ def build_repository(settings: Settings) -> ModelRepository:
             providers=settings.providers,
             intra_op_threads=settings.threads_per_session,
             inter_op_threads=settings.inter_op_threads,
+            spin_wait=settings.spin_wait,
         ),
         cache_dir=settings.cache_dir,
         batch_policy=BatchPolicy(

@@ -31,9 +31,13 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 def decode_base64_image(text: str) -> bytes:
-    payload = _WHITESPACE.sub("", _DATA_URL_PREFIX.sub("", text, count=1))
+    payload = _DATA_URL_PREFIX.sub("", text, count=1) if text.startswith("data:") else text
     try:
         return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        pass  # Line breaks (MIME-style base64) are allowed: strip whitespace only when needed.
+    try:
+        return base64.b64decode(_WHITESPACE.sub("", payload), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidRequest("image: not valid base64") from exc
 

@@ -16,6 +16,8 @@ from engines.deadline import Deadline
 from engines.errors import DeadlineExceeded, Overloaded
 from engines.images import preprocess
 from engines.model import LoadedModel
+from engines.runtime import RuntimeOptions
+from service.settings import Settings
 from tests.conftest import CPU
 from tests.images import encode, photo, solid
 from tests.tiny_models import write_model_folder
@@ -152,3 +154,26 @@ def test_a_request_past_its_deadline_gets_504_and_the_service_goes_on(
         json={"image": base64.b64encode(encode(solid((9, 200, 9)))).decode()},
     )
     assert good.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "expected"), [(1, 1, 1), (2, 1, 1), (2, 2, 1), (16, 1, 15), (16, 4, 3)]
+)
+def test_default_threads_leave_a_core_to_the_request_side(
+    monkeypatch: pytest.MonkeyPatch, cores: int, workers: int, expected: int
+) -> None:
+    monkeypatch.setattr("service.settings.cores", lambda: cores)
+    settings = Settings(workers=workers)
+    assert settings.threads_per_session == expected
+    assert settings.threads_per_session * workers <= max(cores, workers)
+    assert Settings(workers=workers, intra_op_threads=5).threads_per_session == 5
+
+
+def test_sessions_without_spin_waiting_give_the_same_answers(tmp_path: Path) -> None:
+    folder = write_model_folder(tmp_path / "tiny")
+    images = [solid((200, 10, 10), 16, 16), solid((10, 10, 200), 16, 16)]
+    spinning = LoadedModel("tiny", folder, CPU, cache_dir=None)
+    sleeping = LoadedModel(
+        "tiny", folder, RuntimeOptions("cpu", 2, spin_wait=False), cache_dir=None
+    )
+    np.testing.assert_array_equal(spinning.probabilities(images), sleeping.probabilities(images))

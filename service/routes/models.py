@@ -1,11 +1,10 @@
-import functools
 import time
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Path, Request
 
 from engines.images import decode_image
+from engines.model import Prediction as EnginePrediction
 from engines.repository import ModelEntry, ModelState
 from schemas.errors import ErrorResponse
 from schemas.models import Layer, ModelInfo, ModelList, ModelSummary
@@ -101,12 +100,16 @@ async def predict(name: ModelName, request: Request, state: State) -> PredictRes
     started = time.perf_counter()
     model = state.repository.get(name)
     parsed, image_bytes = await read_image_request(request, PredictRequest)
-    image = await anyio.to_thread.run_sync(decode_image, image_bytes, state.image_limits)
-    decoded = time.perf_counter()
-    (predictions,) = await run_engine(
-        state, parsed.timeout_ms, functools.partial(model.predict, [image], parsed.top_k)
-    )
+    times: dict[str, float] = {}
+
+    def work() -> list[list[EnginePrediction]]:
+        image = decode_image(image_bytes, state.image_limits)
+        times["decoded"] = time.perf_counter()
+        return model.predict([image], parsed.top_k)
+
+    (predictions,) = await run_engine(state, parsed.timeout_ms, work)
     finished = time.perf_counter()
+    decoded = times["decoded"]
     observe_stages(request, name, decode=decoded - started, inference=finished - decoded)
     return PredictResponse(
         model=name,
