@@ -1,7 +1,8 @@
 """Cross-request dynamic batching, for engine code that runs in worker threads.
 
 Callers block in `submit`; one dispatcher thread per batcher gathers what arrives within a short
-window (up to a row budget), runs it as one onnxruntime call, and hands each caller its rows.
+window from the oldest waiting caller's arrival (up to a row budget), runs it as one onnxruntime
+call, and hands each caller its rows.
 The queue is bounded: when it is full `submit` fails at once with `Overloaded`. Items are served
 in arrival order, so a large job that submits one chunk at a time (occlusion) interleaves fairly
 with small requests instead of starving them.
@@ -35,6 +36,7 @@ class _Pending(Generic[Item, Result]):
     rows: int
     future: "Future[Result]"
     deadline: Deadline | None
+    queued_at: float
 
 
 def _latest_deadline(batch: Sequence[_Pending[Item, Result]]) -> Deadline:
@@ -74,7 +76,9 @@ class MicroBatcher(Generic[Item, Result]):
         deadline = current_deadline()
         if deadline is not None:
             deadline.check()
-        pending: _Pending[Item, Result] = _Pending(item, rows, Future(), deadline)
+        pending: _Pending[Item, Result] = _Pending(
+            item, rows, Future(), deadline, time.monotonic()
+        )
         with self._condition:
             if len(self._queue) >= self._policy.max_queued:
                 raise Overloaded(f"the {self.name} queue is full; retry shortly")
@@ -99,10 +103,12 @@ class MicroBatcher(Generic[Item, Result]):
         with self._condition:
             while not self._queue:
                 self._condition.wait()
-            opened = time.monotonic()
+            # The window runs from the oldest caller's arrival: what queued up while the last
+            # batch ran has waited long enough and goes at once, keeping the session busy.
+            closes = self._queue[0].queued_at + self._policy.window_seconds
             while True:
                 rows = sum(p.rows for p in self._queue)
-                left = self._policy.window_seconds - (time.monotonic() - opened)
+                left = closes - time.monotonic()
                 if rows >= self._policy.max_rows or left <= 0:
                     break
                 self._condition.wait(timeout=left)

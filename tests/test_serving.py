@@ -177,3 +177,30 @@ def test_sessions_without_spin_waiting_give_the_same_answers(tmp_path: Path) -> 
         "tiny", folder, RuntimeOptions("cpu", 2, spin_wait=False), cache_dir=None
     )
     np.testing.assert_array_equal(spinning.probabilities(images), sleeping.probabilities(images))
+
+
+def test_callers_that_waited_out_the_window_during_a_run_go_at_once() -> None:
+    """The window counts from the oldest caller's arrival, not from when the batcher looks."""
+    started_runs: list[float] = []
+    release = threading.Event()
+
+    def record(items: Sequence[int]) -> list[int]:
+        started_runs.append(time.monotonic())
+        if len(started_runs) == 1:
+            release.wait(5)
+        return list(items)
+
+    window = 0.3
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        "test", record, BatchPolicy(window_seconds=window, max_rows=8, max_queued=8)
+    )
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(batcher.submit, 1)
+        time.sleep(window + 0.1)  # the first batch is running now
+        queued = [pool.submit(batcher.submit, i) for i in (2, 3)]
+        time.sleep(window + 0.1)  # these two have waited out a whole window meanwhile
+        released = time.monotonic()
+        release.set()
+        assert first.result(5) == 1
+        assert sorted(f.result(5) for f in queued) == [2, 3]
+    assert started_runs[1] - released < window / 2
