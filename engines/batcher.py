@@ -76,9 +76,7 @@ class MicroBatcher(Generic[Item, Result]):
         deadline = current_deadline()
         if deadline is not None:
             deadline.check()
-        pending: _Pending[Item, Result] = _Pending(
-            item, rows, Future(), deadline, time.monotonic()
-        )
+        pending: _Pending[Item, Result] = _Pending(item, rows, Future(), deadline, time.monotonic())
         with self._condition:
             if len(self._queue) >= self._policy.max_queued:
                 raise Overloaded(f"the {self.name} queue is full; retry shortly")
