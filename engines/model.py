@@ -99,6 +99,9 @@ class LoadedModel:
             raise InvalidModel(f"config names input {self.input_name!r}, the model has none")
         if self.output_name not in self.session.output_names:
             raise InvalidModel(f"config names output {self.output_name!r}, the model has none")
+        if batch_policy is not None:
+            batch_policy = batch_policy.for_provider(self.session.provider)
+        self.batch_policy = batch_policy
         self.gradients = GradientGraphs(
             model_path=model_path,
             model_sha256=self.sha256,

@@ -204,3 +204,16 @@ def test_callers_that_waited_out_the_window_during_a_run_go_at_once() -> None:
         assert first.result(5) == 1
         assert sorted(f.result(5) for f in queued) == [2, 3]
     assert started_runs[1] - released < window / 2
+
+
+def test_an_automatic_batch_size_follows_the_provider(tmp_path: Path) -> None:
+    auto = BatchPolicy(max_rows=0)
+    assert auto.for_provider("CPUExecutionProvider").max_rows == 4
+    assert auto.for_provider("CUDAExecutionProvider").max_rows == 32
+    assert BatchPolicy(max_rows=7).for_provider("CPUExecutionProvider").max_rows == 7
+    model = LoadedModel(
+        "tiny", write_model_folder(tmp_path / "tiny"), CPU, cache_dir=None, batch_policy=auto
+    )
+    assert model.batch_policy is not None
+    assert model.batch_policy.max_rows == 4
+    assert Settings().max_batch == 0
