@@ -22,6 +22,9 @@ class WorkLimits:
     """Forward passes one request may cost (occlusion)."""
     memory_budget_bytes: int = 512 * 1024 * 1024
     """Memory for input copies and their activations in flight (sets occlusion's batch)."""
+    concurrent_jobs: int = 2
+    """Occlusion jobs holding their copies at once in the process; the others wait their
+    turn, so memory stays near `concurrent_jobs` budgets however many requests arrive."""
 
 
 @dataclass(frozen=True)

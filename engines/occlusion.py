@@ -6,13 +6,16 @@ covered. Each pixel's value is the mean score drop over all windows covering it.
 are made with vectorised numpy a batch at a time; the batch size comes from the memory budget.
 """
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import numpy as np
 
 from engines import occlusion_graph
-from engines.errors import InvalidParameters, TooMuchWork, UnsupportedModel
+from engines.deadline import current_deadline
+from engines.errors import DeadlineExceeded, InvalidParameters, TooMuchWork, UnsupportedModel
 from engines.explain import Explained, Explainer, TargetMap, WorkLimits, clean_targets
 from engines.images import blur_tensor, preprocess
 from engines.model import LoadedModel
@@ -28,6 +31,24 @@ WindowScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 Progress = Callable[[int, int], None]
 """Called after each batch with (passes done, total passes)."""
 CUDA = "CUDAExecutionProvider"
+
+_job_slots: dict[int, threading.BoundedSemaphore] = {}
+_job_slots_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def job_slot(concurrent_jobs: int) -> Iterator[None]:
+    """One of the process's `concurrent_jobs` occlusion slots, waited for within the deadline."""
+    with _job_slots_lock:
+        slots = _job_slots.setdefault(concurrent_jobs, threading.BoundedSemaphore(concurrent_jobs))
+    deadline = current_deadline()
+    timeout = None if deadline is None else max(deadline.remaining(), 0.0)
+    if not slots.acquire(timeout=timeout):
+        raise DeadlineExceeded("the request ran past its deadline waiting for an occlusion slot")
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def window_starts(size: int, window: int, stride: int) -> np.ndarray:
@@ -164,6 +185,25 @@ class Occlusion(Explainer):
                 f"the limit is {allowed}"
             )
         grid_tops, grid_lefts = (a.ravel() for a in np.meshgrid(tops, lefts, indexing="ij"))
+        with job_slot(limits.concurrent_jobs):
+            return self._occlude(
+                model, tensor, targets, top_k, params, limits, grid_tops, grid_lefts
+            )
+
+    def _occlude(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: OcclusionParams,
+        limits: WorkLimits,
+        grid_tops: np.ndarray,
+        grid_lefts: np.ndarray,
+    ) -> Explained:
+        spec = model.config.input
+        height, width = spec.height, spec.width
+        passes = grid_tops.size
         baseline = self.baseline(model, tensor, params)
         scorer = self.scorer(model, params)
 
@@ -201,7 +241,7 @@ class Occlusion(Explainer):
             if self.progress is not None:
                 self.progress(start + chunk_tops.size, passes)
         counts = np.zeros((1, height, width), dtype=np.float64)
-        np.add.at(counts, (0, grid_tops, grid_lefts), 1.0)
+        np.add.at(counts[0], (grid_tops, grid_lefts), 1.0)
         maps = (box_sum(impulses, params.window) / box_sum(counts, params.window)).astype(
             np.float32
         )

@@ -89,6 +89,7 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
         work_limits=WorkLimits(
             max_passes=settings.max_passes,
             memory_budget_bytes=settings.occlusion_memory_budget_bytes,
+            concurrent_jobs=settings.occlusion_jobs,
         ),
         inference_limiter=anyio.CapacityLimiter(settings.max_in_flight),
     )

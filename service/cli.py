@@ -349,7 +349,9 @@ def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse
     check_output(request.output, image.shape, model.config.input)
     tensor = preprocess([image], model.config.input)
     decoded = time.perf_counter()
-    work = WorkLimits(settings.max_passes, settings.occlusion_memory_budget_bytes)
+    work = WorkLimits(
+        settings.max_passes, settings.occlusion_memory_budget_bytes, settings.occlusion_jobs
+    )
     explained = explainer.explain(model, tensor, targets, request.top_k, params, work)
     computed = time.perf_counter()
     explanations = _render(explained, model, image, request.output)

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
         description="Memory for occluded copies and their activations in flight at once; "
         "sets occlusion's batch size.",
     )
+    occlusion_jobs: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Occlusion requests holding their copies at once per process; the others "
+        "wait their turn (within their deadline), so memory stays near this many budgets.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)

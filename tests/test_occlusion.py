@@ -1,17 +1,19 @@
 """Occlusion on a model whose answer is known exactly, and on the real default model."""
 
 import base64
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from engines.errors import InvalidParameters, TooMuchWork
+from engines.deadline import Deadline
+from engines.errors import DeadlineExceeded, InvalidParameters, TooMuchWork
 from engines.explain import TargetMap, WorkLimits
 from engines.images import preprocess
 from engines.model import LoadedModel
-from engines.occlusion import ACTIVATION_FACTOR, Occlusion, window_starts
+from engines.occlusion import ACTIVATION_FACTOR, Occlusion, job_slot, window_starts
 from schemas.params import OcclusionParams
 from tests.conftest import CPU
 from tests.images import encode, photo, solid
@@ -185,3 +187,28 @@ def test_copies_made_in_the_graph_match_copies_made_in_numpy(
     for host_map, device_map in zip(on_host.maps, on_device.maps, strict=True):
         assert host_map.target == device_map.target
         np.testing.assert_allclose(device_map.heatmap, host_map.heatmap, rtol=1e-5, atol=1e-6)
+
+
+def test_occlusion_jobs_wait_for_a_slot_within_their_deadline(region_model: LoadedModel) -> None:
+    """With every slot taken, a job waits; past its deadline it gives up, else it runs."""
+    limits = WorkLimits(concurrent_jobs=1)
+    image = solid((255, 255, 255), 16, 16)
+    params = {"window": 4, "stride": 4, "score": "logit"}
+    done = threading.Event()
+    finished: list[list[TargetMap]] = []
+
+    with job_slot(1):
+        with Deadline(0.05).activate(), pytest.raises(DeadlineExceeded):
+            occlude(region_model, image, limits, **params)
+
+        def waiting_job() -> None:
+            finished.append(occlude(region_model, image, limits, **params))
+            done.set()
+
+        worker = threading.Thread(target=waiting_job)
+        worker.start()
+        assert not done.wait(0.2)  # blocked on the slot this test holds
+    assert done.wait(10)
+    worker.join()
+    expected = occlude(region_model, image, WorkLimits(concurrent_jobs=3), **params)
+    np.testing.assert_array_equal(finished[0][0].heatmap, expected[0].heatmap)
