@@ -24,25 +24,32 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-# Rows per batched run when the policy leaves it to the provider. On CPU, onnxruntime's
-# throughput peaks at small batches (EfficientNet-Lite0 Grad-CAM, 1 thread: ~185 img/s at 1-4
-# rows, 143 at 32, whose activations no longer fit the cache); a GPU wants large batches.
+# What a policy leaves to the provider. On CPU, onnxruntime's throughput peaks at small
+# batches (EfficientNet-Lite0 Grad-CAM, 1 thread: ~185 img/s at 1-4 rows, 143 at 32, whose
+# activations no longer fit the cache), and batches form by themselves from the requests that
+# queue while a run is busy, so no request waits for company. A GPU runs a batch of 32 in
+# little more time than one image, so it gathers large batches for a few milliseconds.
 AUTO_MAX_ROWS = {"CPUExecutionProvider": 4}
 AUTO_MAX_ROWS_OTHERWISE = 32
+AUTO_WINDOW_SECONDS = {"CPUExecutionProvider": 0.0}
+AUTO_WINDOW_SECONDS_OTHERWISE = 0.005
 
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    window_seconds: float = 0.005
+    window_seconds: float | None = 0.005
+    """How long a batch waits for more callers, from the oldest one's arrival; None: by
+    provider (`for_provider`)."""
     max_rows: int = 32
-    """0: chosen for the provider the session runs on (`for_provider`)."""
+    """0: by provider."""
     max_queued: int = 64
 
     def for_provider(self, provider: str) -> "BatchPolicy":
-        if self.max_rows:
-            return self
-        rows = AUTO_MAX_ROWS.get(provider, AUTO_MAX_ROWS_OTHERWISE)
-        return dataclasses.replace(self, max_rows=rows)
+        rows = self.max_rows or AUTO_MAX_ROWS.get(provider, AUTO_MAX_ROWS_OTHERWISE)
+        window = self.window_seconds
+        if window is None:
+            window = AUTO_WINDOW_SECONDS.get(provider, AUTO_WINDOW_SECONDS_OTHERWISE)
+        return dataclasses.replace(self, max_rows=rows, window_seconds=window)
 
 
 @dataclass(eq=False)
@@ -118,7 +125,7 @@ class MicroBatcher(Generic[Item, Result]):
                 self._condition.wait()
             # The window runs from the oldest caller's arrival: what queued up while the last
             # batch ran has waited long enough and goes at once, keeping the session busy.
-            closes = self._queue[0].queued_at + self._policy.window_seconds
+            closes = self._queue[0].queued_at + (self._policy.window_seconds or 0.0)
             while True:
                 rows = sum(p.rows for p in self._queue)
                 left = closes - time.monotonic()

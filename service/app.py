@@ -49,7 +49,9 @@ def build_repository(settings: Settings) -> ModelRepository:
         ),
         cache_dir=settings.cache_dir,
         batch_policy=BatchPolicy(
-            window_seconds=settings.batch_window_ms / 1000,
+            window_seconds=(
+                None if settings.batch_window_ms is None else settings.batch_window_ms / 1000
+            ),
             max_rows=settings.max_batch,
             max_queued=settings.max_queue,
         ),

@@ -48,11 +48,13 @@ class Settings(BaseSettings):
         le=4096,
         description="Requests doing engine work at once per process; more get 503 at once.",
     )
-    batch_window_ms: float = Field(
-        default=5.0,
+    batch_window_ms: float | None = Field(
+        default=None,
         ge=0.0,
         le=1000.0,
-        description="How long a batch waits for more requests of the same model and graph.",
+        description="How long a batch waits for more requests of the same model and graph, "
+        "from the oldest one's arrival; unset = by provider: 0 on CPU (batches form from what "
+        "queues while a run is busy), 5 on a GPU.",
     )
     max_batch: int = Field(
         default=0,

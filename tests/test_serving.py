@@ -207,13 +207,16 @@ def test_callers_that_waited_out_the_window_during_a_run_go_at_once() -> None:
 
 
 def test_an_automatic_batch_size_follows_the_provider(tmp_path: Path) -> None:
-    auto = BatchPolicy(max_rows=0)
-    assert auto.for_provider("CPUExecutionProvider").max_rows == 4
-    assert auto.for_provider("CUDAExecutionProvider").max_rows == 32
-    assert BatchPolicy(max_rows=7).for_provider("CPUExecutionProvider").max_rows == 7
+    auto = BatchPolicy(max_rows=0, window_seconds=None)
+    cpu = auto.for_provider("CPUExecutionProvider")
+    cuda = auto.for_provider("CUDAExecutionProvider")
+    assert (cpu.max_rows, cpu.window_seconds) == (4, 0.0)
+    assert (cuda.max_rows, cuda.window_seconds) == (32, 0.005)
+    fixed = BatchPolicy(max_rows=7, window_seconds=0.002).for_provider("CPUExecutionProvider")
+    assert (fixed.max_rows, fixed.window_seconds) == (7, 0.002)
     model = LoadedModel(
         "tiny", write_model_folder(tmp_path / "tiny"), CPU, cache_dir=None, batch_policy=auto
     )
     assert model.batch_policy is not None
     assert model.batch_policy.max_rows == 4
-    assert Settings().max_batch == 0
+    assert (Settings().max_batch, Settings().batch_window_ms) == (0, None)
