@@ -185,71 +185,54 @@ class Occlusion(Explainer):
                 f"the limit is {allowed}"
             )
         grid_tops, grid_lefts = (a.ravel() for a in np.meshgrid(tops, lefts, indexing="ij"))
+        # Waiting requests hold no copies: at most `concurrent_jobs` run at once.
         with job_slot(limits.concurrent_jobs):
-            return self._occlude(
-                model, tensor, targets, top_k, params, limits, grid_tops, grid_lefts
-            )
+            baseline = self.baseline(model, tensor, params)
+            scorer = self.scorer(model, params)
 
-    def _occlude(
-        self,
-        model: LoadedModel,
-        tensor: np.ndarray,
-        targets: list[int] | None,
-        top_k: int,
-        params: OcclusionParams,
-        limits: WorkLimits,
-        grid_tops: np.ndarray,
-        grid_lefts: np.ndarray,
-    ) -> Explained:
-        spec = model.config.input
-        height, width = spec.height, spec.width
-        passes = grid_tops.size
-        baseline = self.baseline(model, tensor, params)
-        scorer = self.scorer(model, params)
-
-        probabilities, targets = clean_targets(model, tensor, targets, top_k)
-        # The clean probabilities are already at hand; other scores need their own pass.
-        clean = probabilities[None] if params.score == "probability" else scorer(tensor)
-        if params.score != "feature_dip":
-            clean = clean[:, targets]
-
-        batch = batch_size(tensor[0].nbytes, limits.memory_budget_bytes)
-        maps_count = 1 if params.score == "feature_dip" else len(targets)
-        impulses = np.zeros((maps_count, height, width), dtype=np.float64)
-        on_device = (
-            model.session.provider == CUDA
-            if self.copies_on_device is None
-            else self.copies_on_device
-        )
-        score_windows = (
-            self.device_copies(model, tensor, baseline, params)
-            if on_device
-            else self.host_copies(model, tensor, baseline, scorer, batch, params.window)
-        )
-        for start in range(0, passes, batch):
-            chunk_tops = grid_tops[start : start + batch]
-            chunk_lefts = grid_lefts[start : start + batch]
-            scores = score_windows(chunk_tops, chunk_lefts)
+            probabilities, targets = clean_targets(model, tensor, targets, top_k)
+            # The clean probabilities are already at hand; other scores need their own pass.
+            clean = probabilities[None] if params.score == "probability" else scorer(tensor)
             if params.score != "feature_dip":
-                scores = scores[:, targets]
-            drops = (clean - scores).astype(np.float64)  # (B, targets or channels)
+                clean = clean[:, targets]
+
+            batch = batch_size(tensor[0].nbytes, limits.memory_budget_bytes)
+            maps_count = 1 if params.score == "feature_dip" else len(targets)
+            impulses = np.zeros((maps_count, height, width), dtype=np.float64)
+            on_device = (
+                model.session.provider == CUDA
+                if self.copies_on_device is None
+                else self.copies_on_device
+            )
+            score_windows = (
+                self.device_copies(model, tensor, baseline, params)
+                if on_device
+                else self.host_copies(model, tensor, baseline, scorer, batch, params.window)
+            )
+            for start in range(0, passes, batch):
+                chunk_tops = grid_tops[start : start + batch]
+                chunk_lefts = grid_lefts[start : start + batch]
+                scores = score_windows(chunk_tops, chunk_lefts)
+                if params.score != "feature_dip":
+                    scores = scores[:, targets]
+                drops = (clean - scores).astype(np.float64)  # (B, targets or channels)
+                if params.score == "feature_dip":
+                    drops = drops.max(axis=1, keepdims=True)
+                # Each window's drop is recorded at its top-left corner and spread by a box sum.
+                for row, column_drops in zip(impulses, drops.T, strict=True):
+                    np.add.at(row, (chunk_tops, chunk_lefts), column_drops)
+                if self.progress is not None:
+                    self.progress(start + chunk_tops.size, passes)
+            counts = np.zeros((1, height, width), dtype=np.float64)
+            np.add.at(counts[0], (grid_tops, grid_lefts), 1.0)
+            maps = (box_sum(impulses, params.window) / box_sum(counts, params.window)).astype(
+                np.float32
+            )
             if params.score == "feature_dip":
-                drops = drops.max(axis=1, keepdims=True)
-            # Each window's drop is recorded at its top-left corner and spread by a box sum.
-            for row, column_drops in zip(impulses, drops.T, strict=True):
-                np.add.at(row, (chunk_tops, chunk_lefts), column_drops)
-            if self.progress is not None:
-                self.progress(start + chunk_tops.size, passes)
-        counts = np.zeros((1, height, width), dtype=np.float64)
-        np.add.at(counts[0], (grid_tops, grid_lefts), 1.0)
-        maps = (box_sum(impulses, params.window) / box_sum(counts, params.window)).astype(
-            np.float32
-        )
-        if params.score == "feature_dip":
-            return Explained(probabilities, [TargetMap(t, maps[0]) for t in targets])
-        return Explained(
-            probabilities, [TargetMap(t, m) for t, m in zip(targets, maps, strict=True)]
-        )
+                return Explained(probabilities, [TargetMap(t, maps[0]) for t in targets])
+            return Explained(
+                probabilities, [TargetMap(t, m) for t, m in zip(targets, maps, strict=True)]
+            )
 
     @staticmethod
     def baseline(model: LoadedModel, tensor: np.ndarray, params: OcclusionParams) -> np.ndarray:
