@@ -105,13 +105,13 @@ def add_top_k_seeds(
         [
             helper.make_tensor(prefix + "depth", TensorProto.INT64, [1], [num_classes]),
             helper.make_tensor(prefix + "values", TensorProto.FLOAT, [2], [0.0, 1.0]),
-            helper.make_tensor(prefix + "flat", TensorProto.INT64, [1], [-1]),
         ]
     )
     if paired:
         choose = [helper.make_node("ArgMax", [output], [TARGETS_OUTPUT], axis=-1, keepdims=0)]
     else:
         graph.input.append(helper.make_tensor_value_info(TOP_K_INPUT, TensorProto.INT64, [1]))
+        graph.initializer.append(helper.make_tensor(prefix + "flat", TensorProto.INT64, [1], [-1]))
         choose = [
             helper.make_node(
                 "TopK", [output, TOP_K_INPUT], [prefix + "scores", prefix + "indices"], axis=-1
@@ -131,11 +131,12 @@ def add_top_k_seeds(
     reordered = [*graph.node[: producer + 1], *nodes, *graph.node[producer + 1 :]]
     del graph.node[:]
     graph.node.extend(reordered)
-    # A paired graph's targets keep the images' batch dimension: declaring another name here
-    # would override it and cost the backward its blocked layout.
-    scores = next(o for o in graph.output if o.name == output).type.tensor_type.shape.dim
-    batch = (scores[0].dim_param or scores[0].dim_value or None) if scores else None
-    targets_dim = batch if paired else "k"
+    targets_dim: int | str | None = "k"
+    if paired:
+        # The targets keep the images' batch dimension: declaring another name here would
+        # override it and cost the backward its blocked layout.
+        scores = next(o for o in graph.output if o.name == output).type.tensor_type.shape.dim
+        targets_dim = (scores[0].dim_param or scores[0].dim_value or None) if scores else None
     graph.output.append(
         helper.make_tensor_value_info(TARGETS_OUTPUT, TensorProto.INT64, [targets_dim])
     )

@@ -65,16 +65,15 @@ def build_gradient_model(model: onnx.ModelProto, spec: GradientSpec) -> onnx.Mod
     info = _graph_info(model)
     _check_targets(graph, info, spec, layer, data_input)
     emit = Emitter(_all_names(graph))
-    output = spec.output
     batch = _input_batch_dim(graph, info, data_input) if spec.paired else _fresh_dim(graph)
     sources = {name for name in (layer, data_input if spec.wrt_input else None) if name}
-    active = _active_tensors(graph.node, sources, output, info)
+    active = _active_tensors(graph.node, sources, spec.output, info)
     if spec.wrt_input and data_input not in active:
         raise UnsupportedModel(f"output {spec.output!r} does not depend on the model input")
     _check_float32(active, info)
-    totals = _backward(graph, output, spec.guided, active, info, emit, sorted(sources))
+    totals = _backward(graph, spec.output, spec.guided, active, info, emit, sorted(sources))
 
-    outputs = [_value_info(spec.output, info.shapes[output])]
+    outputs = [_value_info(spec.output, info.shapes[spec.output])]
     if layer is not None:
         emit.nodes.append(_identity(emit, layer, ACTIVATION))
         emit.nodes.append(_identity(emit, totals[layer], GRAD_LAYER))
@@ -83,7 +82,7 @@ def build_gradient_model(model: onnx.ModelProto, spec: GradientSpec) -> onnx.Mod
     if spec.wrt_input:
         emit.nodes.append(_identity(emit, totals[data_input], GRAD_INPUT))
         outputs.append(_batched(GRAD_INPUT, info, data_input, batch))
-    return _assemble(model, data_input, emit, outputs, _seed_info(info, output, batch))
+    return _assemble(model, data_input, emit, outputs, _seed_info(info, spec.output, batch))
 
 
 def _input_batch_dim(graph: onnx.GraphProto, info: GraphInfo, data_input: str) -> int | str:
@@ -94,8 +93,7 @@ def _input_batch_dim(graph: onnx.GraphProto, info: GraphInfo, data_input: str) -
         return dims[0]
     if not declared.dim:
         raise UnsupportedModel("the model input has no declared rank")
-    taken = {d.dim_param for v in graph.input for d in v.type.tensor_type.shape.dim}
-    name = _unique("batch", taken)
+    name = _fresh_dim(graph, "batch")
     declared.dim[0].dim_param = name
     return name
 
@@ -355,14 +353,14 @@ def _seed_info(info: GraphInfo, output: str, batch: int | str) -> onnx.ValueInfo
     return _value_info(SEED, [batch, classes if classes is not None else "classes"])
 
 
-def _fresh_dim(graph: onnx.GraphProto) -> str:
-    """A dim_param for the gradient batch M that no forward shape uses."""
+def _fresh_dim(graph: onnx.GraphProto, base: str = "seeds") -> str:
+    """A dim_param that no forward shape uses (by default for the gradient batch M)."""
     used = {
         d.dim_param
         for v in [*graph.input, *graph.output, *graph.value_info]
         for d in v.type.tensor_type.shape.dim
     }
-    return _unique("seeds", used)
+    return _unique(base, used)
 
 
 def _assemble(
