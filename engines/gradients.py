@@ -26,7 +26,7 @@ from engines.runtime import ModelSession, RuntimeOptions
 
 PREPARED_FOLDER = "gradients"
 # Bumped whenever the graphs we build change shape, so stale cached files are never reused.
-GRAPH_FORMAT = "g3"
+GRAPH_FORMAT = "g4"
 SEED_INPUT = "seed"
 TOP_K_INPUT = "top_k"
 TARGETS_OUTPUT = "targets"

@@ -15,7 +15,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.errors import InvalidParameters, UnsupportedModel
-from engines.graphs.context import Dims, Emitter, GraphInfo, NodeGrad
+from engines.graphs.centring import centre_clips
+from engines.graphs.context import DEFAULT_DOMAINS, Dims, Emitter, GraphInfo, NodeGrad
 from engines.graphs.derivatives import RULES
 
 SEED = "seed"
@@ -25,7 +26,6 @@ GRAD_INPUT = "grad_input"
 RESERVED = (SEED, ACTIVATION, GRAD_LAYER, GRAD_INPUT)
 MIN_OPSET = 13
 SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), which MaxPool's gradient needs
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ def build_gradient_model(model: onnx.ModelProto, spec: GradientSpec) -> onnx.Mod
     if spec.wrt_input and data_input not in active:
         raise UnsupportedModel(f"output {spec.output!r} does not depend on the model input")
     _check_float32(active, info)
+    centre_clips(graph, info, emit, active, {spec.output, data_input, *sources})
     totals = _backward(graph, spec.output, spec.guided, active, info, emit, sorted(sources))
 
     outputs = [_value_info(spec.output, info.shapes[spec.output])]

@@ -24,6 +24,7 @@ Grads = list[str | None]
 PREFIX = "grad/"
 INT64_MAX = int(np.iinfo(np.int64).max)
 FLT_MAX = float(np.finfo(np.float32).max)
+DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 class Emitter:
@@ -56,7 +57,7 @@ class Emitter:
 
     def const(self, value: Array, hint: str = "const") -> str:
         """An initializer holding `value`; equal constants are stored once."""
-        value = np.ascontiguousarray(value)
+        value = np.array(value, order="C")  # (np.ascontiguousarray would make a scalar 1-D)
         key = (value.dtype.str, value.shape, value.tobytes())
         name = self._constants.get(key)
         if name is None:
@@ -93,6 +94,12 @@ class GraphInfo:
         array = numpy_helper.to_array(proto)
         self._arrays[name] = array
         return array
+
+    def add_constant(self, name: str, value: Array) -> None:
+        """Make a constant added to the graph readable like the model's own initializers."""
+        self._arrays[name] = value
+        self.shapes[name] = tuple(value.shape)
+        self.elem_types[name] = helper.np_dtype_to_tensor_dtype(value.dtype)
 
     def is_float(self, name: str) -> bool:
         elem = self.elem_types.get(name, TensorProto.FLOAT)

@@ -53,6 +53,8 @@ def clip(ctx: NodeGrad) -> Grads:
     high_value = _scalar(ctx, high) if high else None
     if (low and low_value is None) or (high and high_value is None):
         return first_input_grad(ctx, ctx.op("Mul", [grad, _inside(ctx, y, low, high)]))
+    if high_value is not None and high_value > 0 and low_value == -high_value:
+        return first_input_grad(ctx, ctx.op("Mul", [grad, masks.inside(ctx, y, high_value)]))
     factors = []
     if low_value is not None:
         factors.append(masks.above(ctx, y, low_value))

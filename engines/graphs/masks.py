@@ -65,6 +65,19 @@ def at_least(ctx: NodeGrad, x: str, threshold: float, value: float = 1.0) -> str
     return ramp(ctx, x, sign * SLOPE, -sign * SLOPE * previous, *bounds)
 
 
+def inside(ctx: NodeGrad, x: str, radius: float) -> str:
+    """1.0 where -radius < x < radius, for x known to lie in [-radius, radius] (a Clip's output).
+
+    One step on the square, x * x < radius^2: two passes (the square reads a single tensor)
+    where a step at each bound and their product take three. The threshold is radius^2 as
+    float32 rounds it, which x = +-radius reach exactly; an x within rounding of a bound
+    (|x| > radius * (1 - 2^-24) or so) reads as the bound.
+    """
+    threshold = float(np.float32(radius) * np.float32(radius))
+    squared = ctx.op("Mul", [x, x])
+    return ramp(ctx, squared, -SLOPE, SLOPE * threshold, 0.0, 1.0)
+
+
 def product(ctx: NodeGrad, *factors: str) -> str:
     result = factors[0]
     for factor in factors[1:]:
