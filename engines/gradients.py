@@ -130,7 +130,11 @@ def add_top_k_seeds(
     producer = next(i for i, n in enumerate(graph.node) if output in n.output)
     reordered = [*graph.node[: producer + 1], *nodes, *graph.node[producer + 1 :]]
     del graph.node[:]
-    graph.node.extend(reordered)
+    graph.node.extend(_rows_for_one_hot_seeds(reordered, graph))
+    read = {name for n in graph.node for name in n.input}
+    unread = [i for i in graph.initializer if i.name.startswith(prefix) and i.name not in read]
+    for initializer in unread:
+        graph.initializer.remove(initializer)
     targets_dim: int | str | None = "k"
     if paired:
         # The targets keep the images' batch dimension: declaring another name here would
@@ -141,6 +145,43 @@ def add_top_k_seeds(
         helper.make_tensor_value_info(TARGETS_OUTPUT, TensorProto.INT64, [targets_dim])
     )
     return model
+
+
+def _rows_for_one_hot_seeds(
+    nodes: Sequence[onnx.NodeProto], graph: onnx.GraphProto
+) -> list[onnx.NodeProto]:
+    """The nodes with `seed @ W` (a classifier head's backward) read as rows of W.
+
+    With one-hot seeds the product picks the targets' rows; a Gather does that without
+    reading the whole weight matrix (~0.16 ms of a 6 ms Grad-CAM on EfficientNet-Lite0).
+    """
+    readers = [n for n in nodes if SEED_INPUT in n.input]
+    weights = {i.name for i in graph.initializer}
+    if len(readers) != 1:
+        return list(nodes)
+    gemm = readers[0]
+    attributes = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+    plain = attributes.get("alpha", 1.0) == 1.0 and attributes.get("transA", 0) == 0
+    if not (
+        gemm.op_type == "Gemm"
+        and gemm.domain in ("", "ai.onnx")
+        and list(gemm.input[:1]) == [SEED_INPUT]
+        and len([i for i in gemm.input if i]) == 2
+        and gemm.input[1] in weights
+        and plain
+    ):
+        return list(nodes)
+    rows = [n for n in nodes if n is not gemm and SEED_INPUT not in n.output]
+    if attributes.get("transB", 0) == 0:  # W is [classes, features]
+        picks = [helper.make_node("Gather", [gemm.input[1], TARGETS_OUTPUT], gemm.output, axis=0)]
+    else:  # W is [features, classes]
+        columns = gemm.output[0] + "/columns"
+        picks = [
+            helper.make_node("Gather", [gemm.input[1], TARGETS_OUTPUT], [columns], axis=1),
+            helper.make_node("Transpose", [columns], gemm.output, perm=[1, 0]),
+        ]
+    at = next(i for i, n in enumerate(rows) if TARGETS_OUTPUT in n.output) + 1
+    return [*rows[:at], *picks, *rows[at:]]
 
 
 def write_atomically(model: onnx.ModelProto, path: Path) -> None:

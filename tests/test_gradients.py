@@ -645,6 +645,49 @@ def test_untiled_seeds_may_be_computed_from_the_output() -> None:
     assert_close(grad_input, expected["grad_input"])
 
 
+def _top_k_matches_one_hot_seeds(model: onnx.ModelProto) -> onnx.GraphProto:
+    """Run the in-graph top-2 seeds of one image against explicit one-hot seeds."""
+    spec = GradientSpec("logits", layer="mid", wrt_input=True)
+    top_k = add_top_k_seeds(build_gradient_model(model, spec), "logits", CLASSES)
+    onnx.checker.check_model(top_k, full_check=True)
+    session = ort.InferenceSession(top_k.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = _array(1, *NETWORK.shape, seed=21)
+    _, _, grad_layer, grad_input, targets = session.run(None, {"x": x, "top_k": np.array([2])})
+    assert len(targets) == 2
+    expected = run_gradients(model, spec, x, np.eye(CLASSES, dtype=np.float32)[targets])
+    assert_close(grad_layer, expected["grad_layer"])
+    assert_close(grad_input, expected["grad_input"])
+    return top_k.graph
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_top_k_seeds_read_rows_of_the_head_weights(trans_b: int) -> None:
+    """A Gemm head's backward with one-hot seeds becomes a Gather of the targets' weights."""
+    model = classifier(NETWORK)
+    if trans_b == 0:  # the same head with W stored [features, classes]
+        graph = model.graph
+        head = next(n for n in graph.node if n.op_type == "Gemm")
+        weight = next(i for i in graph.initializer if i.name == head.input[1])
+        transposed = numpy_helper.to_array(weight).T.copy()
+        weight.CopyFrom(numpy_helper.from_array(transposed, weight.name))
+        del head.attribute[:]
+    graph = _top_k_matches_one_hot_seeds(model)
+    assert not any("seed" in n.input for n in graph.node)
+    assert not any(n.op_type == "OneHot" for n in graph.node)
+    gathers = [n for n in graph.node if n.op_type == "Gather"]
+    assert [n.input[0] for n in gathers] == ["readout/w"]
+    assert gathers[0].attribute[0].i == 1 - trans_b  # rows of [classes, features]
+
+
+def test_top_k_seeds_behind_a_softmax_stay_one_hot() -> None:
+    model = classifier(NETWORK)
+    model.graph.node[-1].output[0] = "scores"
+    model.graph.node.append(node("Softmax", ["scores"], "logits"))
+    graph = _top_k_matches_one_hot_seeds(model)
+    assert any(n.op_type == "OneHot" for n in graph.node)
+    assert not any(n.op_type == "Gather" for n in graph.node)
+
+
 RELU6_CHAIN = Case(
     "relu6_chain",
     (3, 6, 6),
