@@ -38,7 +38,7 @@ def centre_clips(
     for node in graph.node:
         for name in set(node.input):
             readers[name].append(node)
-    kept = set(returned) | {o.name for o in graph.output}
+    kept = set(returned) | {o.name for o in graph.output} | _read_by_subgraphs(graph)
     centred = 0
     for clip in graph.node:
         if clip.op_type != "Clip" or clip.domain not in DEFAULT_DOMAINS or len(clip.input) < 3:
@@ -69,6 +69,18 @@ def centre_clips(
         clip.input[2] = _constant(emit, info, np.array(radius, np.float32), "centred_high")
         centred += 1
     return centred
+
+
+def _read_by_subgraphs(graph: onnx.GraphProto) -> set[str]:
+    """Tensors that If/Loop bodies read from the outer scope: their readers are not rewritten."""
+    names: set[str] = set()
+    pending = [sub for n in graph.node for a in n.attribute for sub in [a.g, *a.graphs]]
+    while pending:
+        sub = pending.pop()
+        for node in sub.node:
+            names.update(node.input)
+            pending.extend(s for a in node.attribute for s in [a.g, *a.graphs])
+    return names
 
 
 def _bounds(info: GraphInfo, low: str, high: str) -> tuple[float, float] | None:
