@@ -660,23 +660,30 @@ def _top_k_matches_one_hot_seeds(model: onnx.ModelProto) -> onnx.GraphProto:
     return top_k.graph
 
 
-@pytest.mark.parametrize("trans_b", [0, 1])
-def test_top_k_seeds_read_rows_of_the_head_weights(trans_b: int) -> None:
-    """A Gemm head's backward with one-hot seeds becomes a Gather of the targets' weights."""
+@pytest.mark.parametrize("head", ["gemm", "gemm_features_first", "matmul"])
+def test_top_k_seeds_read_rows_of_the_head_weights(head: str) -> None:
+    """A Gemm or MatMul head's backward with one-hot seeds is a Gather of the targets' weights."""
     model = classifier(NETWORK)
-    if trans_b == 0:  # the same head with W stored [features, classes]
-        graph = model.graph
-        head = next(n for n in graph.node if n.op_type == "Gemm")
-        weight = next(i for i in graph.initializer if i.name == head.input[1])
+    graph = model.graph
+    gemm = next(n for n in graph.node if n.op_type == "Gemm")
+    weight = next(i for i in graph.initializer if i.name == gemm.input[1])
+    if head != "gemm":  # the same head with W stored [features, classes]
         transposed = numpy_helper.to_array(weight).T.copy()
         weight.CopyFrom(numpy_helper.from_array(transposed, weight.name))
-        del head.attribute[:]
+        del gemm.attribute[:]
+    if head == "matmul":
+        at = list(graph.node).index(gemm)
+        graph.node.remove(gemm)
+        graph.node.insert(at, node("MatMul", ["flat", "readout/w"], "scores"))
+        graph.node.insert(at + 1, node("Add", ["scores", "readout/b"], "logits"))
     graph = _top_k_matches_one_hot_seeds(model)
     assert not any("seed" in n.input for n in graph.node)
     assert not any(n.op_type == "OneHot" for n in graph.node)
     gathers = [n for n in graph.node if n.op_type == "Gather"]
     assert [n.input[0] for n in gathers] == ["readout/w"]
-    assert gathers[0].attribute[0].i == 1 - trans_b  # rows of [classes, features]
+    assert gathers[0].attribute[0].i == (0 if head == "gemm" else 1)  # the classes axis
+    forward = "MatMul" if head == "matmul" else "Gemm"  # and no backward product, no Transpose
+    assert [n.op_type for n in graph.node if "readout/w" in n.input] == [forward, "Gather"]
 
 
 def test_top_k_seeds_behind_a_softmax_stay_one_hot() -> None:
