@@ -11,12 +11,11 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from engines.batcher import BatchPolicy
-from engines.explain import WorkLimits
-from engines.images import ImageLimits
 from engines.repository import ModelRepository
 from engines.runtime import RuntimeOptions
 from service.auth import ApiKeyMiddleware
 from service.errors import install_error_handlers
+from service.explaining import image_limits, work_limits
 from service.lifecycle import Drain, drain_on_sigterm
 from service.logs import configure_logging
 from service.metrics import ServiceMetrics
@@ -83,16 +82,8 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
     app.state.service = ServiceState(
         settings=settings,
         repository=repo,
-        image_limits=ImageLimits(
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-            min_side=settings.min_image_side,
-        ),
-        work_limits=WorkLimits(
-            max_passes=settings.max_passes,
-            memory_budget_bytes=settings.occlusion_memory_budget_bytes,
-            concurrent_jobs=settings.occlusion_jobs,
-        ),
+        image_limits=image_limits(settings),
+        work_limits=work_limits(settings),
         inference_limiter=anyio.CapacityLimiter(settings.max_in_flight),
     )
     app.state.metrics = metrics

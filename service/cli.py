@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     import numpy as np
 
     from client import ExplainResult, ExplanationResult
-    from engines.explain import Explained, Explainer
+    from engines.explain import Explainer
     from engines.model import LoadedModel
-    from schemas.explain import ExplainRequest, ExplainResponse, Explanation, OutputOptions
+    from schemas.explain import ExplainRequest, ExplainResponse
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -295,39 +295,18 @@ def _local_explainer(method: str, progress: bool) -> "Explainer":
     return explainer
 
 
-def _resolve_targets(model: "LoadedModel", targets: list[int | str] | None) -> list[int] | None:
-    if targets is None:
-        return None
-    return list(dict.fromkeys(model.resolve_target(t) for t in targets))
-
-
-def _milliseconds(start: float, end: float) -> float:
-    return round((end - start) * 1000, 3)
-
-
-def _render(
-    explained: "Explained", model: "LoadedModel", image: "np.ndarray", output: "OutputOptions"
-) -> list["Explanation"]:
-    """The maps rendered as the explain route renders them."""
-    from schemas.explain import Explanation
-    from service.heatmaps import render_maps
-
-    maps = [target_map.heatmap for target_map in explained.maps]
-    rendered = render_maps(maps, image, model.config.input, output)
-    return [
-        Explanation(target=m.target, label=model.label(m.target), heatmap=p[0], heatmaps=p)
-        for m, p in zip(explained.maps, rendered, strict=True)
-    ]
-
-
 def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse":
     """The explain route's pipeline, with the service's own rendering (service.heatmaps)."""
     from pydantic import ValidationError
 
-    from engines.explain import WorkLimits
-    from engines.images import ImageLimits, decode_image, preprocess
-    from schemas.explain import ExplainResponse
-    from schemas.predict import Prediction
+    from engines.images import decode_image, preprocess
+    from service.explaining import (
+        explain_response,
+        image_limits,
+        render_explanations,
+        resolve_targets,
+        work_limits,
+    )
     from service.heatmaps import check_output
     from service.inputs import describe_validation_error
 
@@ -341,33 +320,19 @@ def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse
         params = explainer.params_model.model_validate(request.params)
     except ValidationError as exc:
         raise _Failure("params." + describe_validation_error(exc)) from exc
-    targets = _resolve_targets(model, request.targets)
-    limits = ImageLimits(
-        settings.max_image_bytes, settings.max_image_pixels, settings.min_image_side
-    )
-    image = decode_image(call.image, limits)
+    targets = resolve_targets(model, request.targets)
+    image = decode_image(call.image, image_limits(settings))
     check_output(request.output, image.shape, model.config.input)
     tensor = preprocess([image], model.config.input)
     decoded = time.perf_counter()
-    work = WorkLimits(
-        settings.max_passes, settings.occlusion_memory_budget_bytes, settings.occlusion_jobs
-    )
+    work = work_limits(settings)
     explained = explainer.explain(model, tensor, targets, request.top_k, params, work)
     computed = time.perf_counter()
-    explanations = _render(explained, model, image, request.output)
+    explanations = render_explanations(explained, model, image, request.output)
     finished = time.perf_counter()
-    top = model.top_predictions(explained.probabilities, max(request.top_k, 5))
-    return ExplainResponse(
-        model=call.model,
-        method=request.method,
-        predictions=[Prediction(index=p.index, label=p.label, score=p.score) for p in top],
-        explanations=explanations,
-        timings_ms={
-            "decode": _milliseconds(started, decoded),
-            "explain": _milliseconds(decoded, computed),
-            "render": _milliseconds(computed, finished),
-            "total": _milliseconds(started, finished),
-        },
+    stages = (started, decoded, computed, finished)
+    return explain_response(
+        call.model, request.method, model, explained, explanations, request.top_k, stages
     )
 
 

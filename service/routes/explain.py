@@ -1,18 +1,16 @@
 import time
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from engines.explain import Explained
 from engines.images import decode_image, preprocess
 from engines.methods import EXPLAINERS
-from engines.model import LoadedModel
-from schemas.explain import ExplainRequest, ExplainResponse, Explanation, OutputOptions
-from schemas.predict import Prediction
+from schemas.explain import ExplainRequest, ExplainResponse, Explanation
 from service.errors import InvalidRequest
-from service.heatmaps import check_output, render_maps
+from service.explaining import explain_response, render_explanations, resolve_targets
+from service.heatmaps import check_output
 from service.inputs import describe_validation_error, read_image_request
 from service.observability import label_request, observe_stages
 from service.routes.models import WORK_ERRORS, ModelName
@@ -80,37 +78,6 @@ EXPLAIN_REQUEST_BODY: dict[str, object] = {
 }
 
 
-def _milliseconds(start: float, end: float) -> float:
-    return round((end - start) * 1000, 3)
-
-
-def _resolve_targets(model: LoadedModel, request: ExplainRequest) -> list[int] | None:
-    if request.targets is None:
-        return None
-    resolved: list[int] = []
-    for target in request.targets:
-        index = model.resolve_target(target)
-        if index not in resolved:
-            resolved.append(index)
-    return resolved
-
-
-def _render(
-    explained: Explained, model: LoadedModel, image: np.ndarray, output: OutputOptions
-) -> list[Explanation]:
-    maps = [target_map.heatmap for target_map in explained.maps]
-    rendered = render_maps(maps, image, model.config.input, output)
-    return [
-        Explanation(
-            target=target_map.target,
-            label=model.label(target_map.target),
-            heatmap=payloads[0],
-            heatmaps=payloads,
-        )
-        for target_map, payloads in zip(explained.maps, rendered, strict=True)
-    ]
-
-
 @router.post(
     "/{name}/explain",
     response_model=ExplainResponse,
@@ -128,7 +95,7 @@ async def explain(name: ModelName, request: Request, state: State) -> ExplainRes
         params: Any = explainer.params_model.model_validate(parsed.params)
     except ValidationError as exc:
         raise InvalidRequest("params." + describe_validation_error(exc)) from exc
-    targets = _resolve_targets(model, parsed)
+    targets = resolve_targets(model, parsed.targets)
     times: dict[str, float] = {}
 
     def work() -> tuple[Explained, list[Explanation]]:
@@ -142,7 +109,7 @@ async def explain(name: ModelName, request: Request, state: State) -> ExplainRes
             model, tensor, targets, parsed.top_k, params, state.work_limits
         )
         times["computed"] = time.perf_counter()
-        return explained, _render(explained, model, image, parsed.output)
+        return explained, render_explanations(explained, model, image, parsed.output)
 
     explained, explanations = await run_engine(state, parsed.timeout_ms, work)
     finished = time.perf_counter()
@@ -154,16 +121,7 @@ async def explain(name: ModelName, request: Request, state: State) -> ExplainRes
         inference=computed - decoded,
         render=finished - computed,
     )
-    predictions = model.top_predictions(explained.probabilities, max(parsed.top_k, 5))
-    return ExplainResponse(
-        model=name,
-        method=parsed.method,
-        predictions=[Prediction(index=p.index, label=p.label, score=p.score) for p in predictions],
-        explanations=explanations,
-        timings_ms={
-            "decode": _milliseconds(started, decoded),
-            "explain": _milliseconds(decoded, computed),
-            "render": _milliseconds(computed, finished),
-            "total": _milliseconds(started, finished),
-        },
+    stages = (started, decoded, computed, finished)
+    return explain_response(
+        name, parsed.method, model, explained, explanations, parsed.top_k, stages
     )
