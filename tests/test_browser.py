@@ -8,10 +8,8 @@ the `playwright` package is missing, those tests are skipped with the reason.
 import base64
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.images import encode, photo
+from tests.servers import free_port, wait_until_ready
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Page
@@ -92,13 +91,6 @@ def test_a_missing_static_file_is_a_json_404(tiny_client: TestClient) -> None:
 # --- the page in Chromium, against a real server ----------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator["BrowserContext"]:
     """Debian's Chromium with a fresh profile, or a skip that says what is missing."""
@@ -134,7 +126,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator["BrowserContex
 @pytest.fixture(scope="module")
 def server(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`uvicorn` serving the app over the default-model repository, on a free port."""
-    port = _free_port()
+    port = free_port()
     logs = tmp_path_factory.mktemp("server") / "uvicorn.log"
     env = {
         **os.environ,
@@ -150,16 +142,7 @@ def server(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, f"server exited:\n{logs.read_text()}"
-            assert time.monotonic() < deadline, f"server not ready:\n{logs.read_text()}"
-            time.sleep(0.1)
+        wait_until_ready(base, process, logs)
         yield base
     finally:
         process.terminate()

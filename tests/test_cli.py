@@ -2,10 +2,8 @@
 
 import base64
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx2 as httpx
@@ -13,13 +11,7 @@ import pytest
 
 from service.cli import main
 from tests.images import encode, solid
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.servers import free_port, wait_until_ready
 
 
 def test_models_list_names_the_default_model(capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,15 +42,7 @@ def test_serve_answers_over_a_real_socket(tiny_repository_dir: Path) -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
+        wait_until_ready(base, process)
         image = base64.b64encode(encode(solid((250, 5, 5)))).decode()
         response = httpx.post(f"{base}/v1/models/tiny/predict", json={"image": image}, timeout=10)
         assert response.status_code == 200

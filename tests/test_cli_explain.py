@@ -18,7 +18,7 @@ from engines.runtime import RuntimeOptions
 from schemas.params import OcclusionParams
 from service.cli import main
 from tests.images import encode, photo
-from tests.test_cli import free_port
+from tests.servers import free_port
 from tests.test_client import CAT_CLASSES, CHELSEA_SHAPE, MODEL, Served, served_app
 
 # A 112-pixel window every 56 pixels over a 224x224 input: 3 x 3 windows.

@@ -16,7 +16,7 @@ import pytest
 
 from client import ClientError, ConnectionFailed, ExplainClient, ServiceError
 from tests.images import encode, photo
-from tests.test_cli import free_port
+from tests.servers import free_port
 
 MODEL = "efficientnet-lite0"
 CAT_CLASSES = range(281, 286)

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from service.lifecycle import Drain, drain_on_sigterm
 from tests.conftest import make_client
 from tests.images import encode, solid
-from tests.test_cli import free_port
+from tests.servers import free_port
 from tests.tiny_models import write_model_folder
 
 # About 2 s of one CPU thread for one image (a 1024x1024 MatMul is ~2 GFLOP).
