@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from engines.cam import rectified_map
 from engines.errors import UnsupportedModel
 from engines.explain import Explained, Explainer, TargetMap, WorkLimits, clean_targets
+from engines.graphs.context import node_attribute
 from engines.model import LoadedModel
 from schemas.params import ClassicCamParams
 
@@ -33,15 +34,8 @@ class CamHead:
     """(classes, channels): the linear layer's weight, as W @ pooled."""
 
 
-def _attribute(node: onnx.NodeProto, name: str, default: object) -> object:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
-
-
 def _reduce_axes(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[int] | None:
-    axes = _attribute(node, "axes", None)
+    axes = node_attribute(node, "axes", None)
     if axes is None and len(node.input) > 1 and node.input[1]:
         found = constants.get(node.input[1])
         axes = None if found is None else found.tolist()
@@ -70,7 +64,7 @@ def find_cam_head(model: onnx.ModelProto, output: str) -> CamHead:
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.output:
-            value = _attribute(node, "value", None)
+            value = node_attribute(node, "value", None)
             if isinstance(value, onnx.TensorProto):
                 constants[node.output[0]] = numpy_helper.to_array(value)
     producers = {name: node for node in graph.node for name in node.output}
@@ -85,13 +79,13 @@ def find_cam_head(model: onnx.ModelProto, output: str) -> CamHead:
         raise UnsupportedModel("CAM needs a linear output layer; the output is a graph input")
     weights: np.ndarray
     if head.op_type == "Gemm":
-        if int(_attribute(head, "transA", 0)) != 0:  # type: ignore[call-overload]
+        if int(node_attribute(head, "transA", 0)) != 0:
             raise UnsupportedModel("CAM: the output Gemm transposes its input (transA)")
         b = constants.get(head.input[1])
         if b is None or b.ndim != 2:
             raise UnsupportedModel("CAM: the output Gemm's weight is not a constant matrix")
-        trans_b = int(_attribute(head, "transB", 0))  # type: ignore[call-overload]
-        alpha = float(_attribute(head, "alpha", 1.0))  # type: ignore[arg-type]
+        trans_b = int(node_attribute(head, "transB", 0))
+        alpha = float(node_attribute(head, "alpha", 1.0))
         weights = alpha * (b if trans_b else b.T)
         pooled = head.input[0]
     else:

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 from engines.batcher import BatchPolicy, MicroBatcher
 from engines.errors import InvalidParameters
 from engines.graphs import GradientSpec, build_gradient_model
+from engines.graphs.context import node_attribute
 from engines.runtime import ModelSession, RuntimeOptions
 
 PREPARED_FOLDER = "gradients"
@@ -192,10 +193,9 @@ def _head_weight(
         return None
     operand = inputs[1]
     if product.op_type == "Gemm":
-        attributes = {a.name: helper.get_attribute_value(a) for a in product.attribute}
-        if attributes.get("alpha", 1.0) != 1.0 or attributes.get("transA", 0) != 0:
+        if node_attribute(product, "alpha", 1.0) != 1.0 or node_attribute(product, "transA", 0):
             return None
-        return (operand, int(attributes.get("transB", 0))) if operand in matrices else None
+        return (operand, int(node_attribute(product, "transB", 0))) if operand in matrices else None
     if product.op_type != "MatMul":
         return None
     if operand in matrices:
@@ -203,8 +203,8 @@ def _head_weight(
     producer = next((n for n in nodes if operand in n.output), None)
     if producer is None or producer.op_type != "Transpose" or producer.input[0] not in matrices:
         return None
-    perm = [a.ints for a in producer.attribute if a.name == "perm"]
-    return (producer.input[0], 1) if not perm or list(perm[0]) == [1, 0] else None
+    perm = node_attribute(producer, "perm", [1, 0])
+    return (producer.input[0], 1) if list(perm) == [1, 0] else None
 
 
 def write_atomically(model: onnx.ModelProto, path: Path) -> None:

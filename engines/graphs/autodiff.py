@@ -7,7 +7,7 @@ output[n, j]) / d tensor, with n = m when the batch N equals M, or n = 0 when N 
 broadcast forward tensors [1, ...] against gradients [M, ...], so M seeds cost one forward).
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +16,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engines.errors import InvalidParameters, UnsupportedModel
 from engines.graphs.centring import centre_clips
-from engines.graphs.context import DEFAULT_DOMAINS, Dims, Emitter, GraphInfo, NodeGrad
+from engines.graphs.context import (
+    DEFAULT_DOMAINS,
+    Dims,
+    Emitter,
+    GraphInfo,
+    NodeGrad,
+    subgraph_reads,
+    walk,
+)
 from engines.graphs.derivatives import RULES
 
 SEED = "seed"
@@ -133,7 +141,7 @@ def _data_input(graph: onnx.GraphProto) -> str:
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:
     names: set[str] = set()
-    for node in _walk(graph):
+    for node in walk(graph):
         names.update(node.input)
         names.update(node.output)
         names.add(node.name)
@@ -141,15 +149,6 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
         names.update(v.name for v in values)
     names.discard("")
     return names
-
-
-def _walk(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
-    """Every node, including those of subgraphs (If/Loop bodies)."""
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            for sub in [attribute.g, *attribute.graphs]:
-                yield from _walk(sub)
 
 
 def _rename_reserved(graph: onnx.GraphProto, spec: GradientSpec, data_input: str) -> str | None:
@@ -395,7 +394,5 @@ def _live_nodes(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str]) -> list
         if any(o in needed for o in node.output):
             live.append(node)
             needed.update(i for i in node.input if i)
-            for attribute in node.attribute:  # subgraphs may read outer-scope tensors
-                for sub in [attribute.g, *attribute.graphs]:
-                    needed.update(i for n in _walk(sub) for i in n.input)
+            needed.update(subgraph_reads(node))  # subgraphs may read outer-scope tensors
     return list(reversed(live))

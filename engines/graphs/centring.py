@@ -21,9 +21,15 @@ from collections.abc import Collection
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from engines.graphs.context import DEFAULT_DOMAINS, Array, Emitter, GraphInfo
+from engines.graphs.context import (
+    DEFAULT_DOMAINS,
+    Array,
+    Emitter,
+    GraphInfo,
+    node_attribute,
+    subgraph_reads,
+)
 
 
 def centre_clips(
@@ -39,7 +45,8 @@ def centre_clips(
     for node in graph.node:
         for name in set(node.input):
             readers[name].append(node)
-    kept = set(returned) | {o.name for o in graph.output} | _read_by_subgraphs(graph)
+    kept = set(returned) | {o.name for o in graph.output}
+    kept.update(name for node in graph.node for name in subgraph_reads(node))
     centred = 0
     for clip in graph.node:
         if clip.op_type != "Clip" or clip.domain not in DEFAULT_DOMAINS or len(clip.input) < 3:
@@ -72,18 +79,6 @@ def centre_clips(
     return centred
 
 
-def _read_by_subgraphs(graph: onnx.GraphProto) -> set[str]:
-    """Tensors that If/Loop bodies read from the outer scope: their readers are not rewritten."""
-    names: set[str] = set()
-    pending = [sub for n in graph.node for a in n.attribute for sub in [a.g, *a.graphs]]
-    while pending:
-        sub = pending.pop()
-        for node in sub.node:
-            names.update(node.input)
-            pending.extend(s for a in node.attribute for s in [a.g, *a.graphs])
-    return names
-
-
 def _bounds(info: GraphInfo, low: str, high: str) -> tuple[float, float] | None:
     """(centre, radius) of constant float32 bounds that are not symmetric already."""
     values = [info.constant(name) if name else None for name in (low, high)]
@@ -97,13 +92,6 @@ def _bounds(info: GraphInfo, low: str, high: str) -> tuple[float, float] | None:
     if np.float32(lower - centre) != -radius:  # rounding made the bounds uneven: leave it
         return None
     return float(centre), float(radius)
-
-
-def _attribute(node: onnx.NodeProto, name: str, default: object) -> object:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default
 
 
 def _is_conv(node: onnx.NodeProto) -> bool:
@@ -130,12 +118,12 @@ def _reads_unpadded(node: onnx.NodeProto, tensor: str, info: GraphInfo) -> bool:
     weight = info.constant(node.input[1])
     if weight is None or weight.dtype != np.float32 or _bias(node, info) is None:
         return False
-    auto_pad = _attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = node_attribute(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad == "VALID":
         return True
-    pads = _attribute(node, "pads", [])
-    return auto_pad == "NOTSET" and all(p == 0 for p in pads)  # type: ignore[attr-defined]
+    pads = node_attribute(node, "pads", [])
+    return auto_pad == "NOTSET" and all(p == 0 for p in pads)
 
 
 def _set_bias(conv: onnx.NodeProto, emit: Emitter, info: GraphInfo, bias: Array) -> None:

@@ -5,7 +5,7 @@ differentiated path is left alone: forward tensors have batch N, gradients have 
 rules only ever broadcast one against the other on that axis.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,34 @@ PREFIX = "grad/"
 INT64_MAX = int(np.iinfo(np.int64).max)
 FLT_MAX = float(np.finfo(np.float32).max)
 DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def node_attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    """The value of a node's attribute, or `default` when it is not set."""
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def walk(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    """Every node, including those of subgraphs (If/Loop bodies)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs]:
+                yield from walk(sub)
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors a node's subgraphs (If/Loop bodies) read, outer-scope ones among them."""
+    return {
+        name
+        for attribute in node.attribute
+        for sub in [attribute.g, *attribute.graphs]
+        for inner in walk(sub)
+        for name in inner.input
+    }
 
 
 class Emitter:
@@ -142,10 +170,7 @@ class NodeGrad:
         return UnsupportedModel(f"{message}: {reason}" if reason else message)
 
     def attr(self, name: str, default: Any) -> Any:
-        for attribute in self.node.attribute:
-            if attribute.name == name:
-                return helper.get_attribute_value(attribute)
-        return default
+        return node_attribute(self.node, name, default)
 
     def input(self, index: int) -> str:
         """The name of input `index`, or "" when it is absent or left empty."""
