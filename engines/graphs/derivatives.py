@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from engines.graphs import masks, spatial
+from engines.graphs import masks, pointwise, spatial, structural
 from engines.graphs.context import (
     FLT_MAX,
     INT64_MAX,
@@ -353,3 +353,5 @@ RULES: dict[str, Rule] = {
     "AveragePool": spatial.average_pool,
     "GlobalAveragePool": spatial.global_average_pool,
 }
+RULES.update(pointwise.RULES)
+RULES.update(structural.RULES)
