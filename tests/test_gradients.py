@@ -48,11 +48,14 @@ class Case:
     weights: dict[str, Array] = field(default_factory=dict)
     scale: float = 1.0
     reference: tuple[onnx.NodeProto, ...] = ()  # equal nodes for onnx.reference, if it lacks one
+    opset: int = OPSET
 
     def for_reference(self) -> "Case":
         if not self.reference:
             return self
-        return Case(self.name, self.shape, self.reference, self.weights, self.scale)
+        return Case(
+            self.name, self.shape, self.reference, self.weights, self.scale, opset=self.opset
+        )
 
     def __str__(self) -> str:
         return self.name
@@ -68,7 +71,7 @@ def classifier(case: Case) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *case.shape])
     head = helper.make_model(
         helper.make_graph(list(case.nodes), "head", [x], [onnx.ValueInfoProto(name="h")], inits),
-        opset_imports=[helper.make_opsetid("", OPSET)],
+        opset_imports=[helper.make_opsetid("", case.opset)],
     )
     inferred = onnx.shape_inference.infer_shapes(head, strict_mode=True)
     dims = [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim[1:]]
@@ -86,8 +89,8 @@ def classifier(case: Case) -> onnx.ModelProto:
     inits += [numpy_helper.from_array(v, k) for k, v in readout.items()]
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])
     graph = helper.make_graph(nodes, case.name, [x], [logits], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
+    model.ir_version = 8 if case.opset <= 17 else 9 if case.opset <= 20 else 10
     onnx.checker.check_model(model, full_check=True)
     return model
 
