@@ -19,7 +19,7 @@ EPSILON = 1e-7
 
 
 def channels_first(tensor: np.ndarray, channel_axis: int) -> np.ndarray:
-    """(batch, ...) feature maps with channels on axis 1, whatever the model's layout."""
+    """(batch, ...) tensors with channels on axis 1, from channels on `channel_axis` (1 or 3)."""
     return tensor if channel_axis == 1 else np.moveaxis(tensor, -1, 1)
 
 
@@ -58,12 +58,12 @@ class CamExplainer(Explainer):
         params: CamParams,
         limits: WorkLimits = WorkLimits(),
     ) -> Explained:
-        layer = resolve_layer(model, params)
-        result = layer_gradients(model, tensor, targets, top_k, layer)
+        layer = model.layer(resolve_layer(model, params))
+        result = layer_gradients(model, tensor, targets, top_k, layer.name)
         assert result.activation is not None
         assert result.grad_layer is not None
-        activations = channels_first(result.activation, model.channel_axis)[0]
-        gradients = channels_first(result.grad_layer, model.channel_axis)
+        activations = channels_first(result.activation, layer.channel_axis)[0]
+        gradients = channels_first(result.grad_layer, layer.channel_axis)
         features = activations.astype(np.float64)
         maps = [
             TargetMap(int(target), rectified_map(model, self.combine(features, grad)))

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from engines.cam import rectified_map
+from engines.cam import channels_first, rectified_map
 from engines.errors import UnsupportedModel
 from engines.explain import Explained, Explainer, TargetMap, WorkLimits, clean_targets
 from engines.graphs.context import node_attribute
@@ -164,11 +164,15 @@ class ClassicCam(Explainer):
         limits: WorkLimits = WorkLimits(),
     ) -> Explained:
         head = cam_head(model)
+        listed = next((layer for layer in model.layers if layer.name == head.feature), None)
+        if listed is not None and listed.channel_axis != head.channel_axis:
+            raise UnsupportedModel(
+                f"CAM: the pooling before the output does not average {head.feature!r} over its "
+                f"spatial axes (it is {listed.layout})"
+            )
         probabilities, targets = clean_targets(model, tensor, targets, top_k)
         activations = model.layer_activations(tensor, head.feature)
-        if head.channel_axis != 1:
-            activations = np.moveaxis(activations, -1, 1)
-        features = activations[0].astype(np.float64)
+        features = channels_first(activations, head.channel_axis)[0].astype(np.float64)
         if features.shape[0] != head.weights.shape[1]:
             raise UnsupportedModel(
                 f"CAM: the linear layer takes {head.weights.shape[1]} inputs but the pooled "

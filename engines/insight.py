@@ -294,16 +294,6 @@ def filter_grid(weights: np.ndarray) -> FilterGrid:
 # --- activations -----------------------------------------------------------------------------
 
 
-def channels_first(activations: np.ndarray, channel_axis: int) -> np.ndarray:
-    """A batch-1 4-D activation -> (C, H, W)."""
-    if activations.ndim != 4:
-        raise UnsupportedModel(f"activations of shape {activations.shape} are not 4-D")
-    maps = activations[0]
-    if channel_axis == 3:
-        maps = maps.transpose(2, 0, 1)
-    return np.ascontiguousarray(maps)
-
-
 def pick_channels(total: int, chosen: list[int] | None, cap: int, layer: str) -> list[int]:
     if chosen is None:
         return list(range(min(total, cap)))

@@ -1,10 +1,98 @@
-"""Which activations of an ONNX graph are usable as Grad-CAM / activation-map layers."""
+"""Which activations of an ONNX graph are usable as Grad-CAM / activation-map layers.
+
+A model's input layout says nothing about its feature maps: Keras and tf2onnx exports take NHWC
+images, Transpose them and run ONNX's NCHW convolutions. Each 4-D tensor's layout is followed
+through the graph from the input; a tensor whose layout cannot be told is not offered.
+"""
 
 from dataclasses import dataclass
+from typing import Literal
 
 import onnx
 
+from engines.graphs.context import DEFAULT_DOMAINS, node_attribute
 from schemas.model_config import InputSpec
+
+Layout = Literal["NCHW", "NHWC"]
+
+# ONNX defines these on NCHW tensors: their (first) output is NCHW whatever fed them.
+NCHW_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "ConvInteger",
+        "QLinearConv",
+        "MaxPool",
+        "AveragePool",
+        "LpPool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "GlobalLpPool",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "LRN",
+        "Resize",
+        "Upsample",
+        "MaxUnpool",
+        "DepthToSpace",
+        "SpaceToDepth",
+    }
+)
+# Output axes line up with the 4-D inputs' axes (broadcasting aside).
+ELEMENTWISE_OPS = frozenset(
+    {
+        "Abs",
+        "Add",
+        "Cast",
+        "Ceil",
+        "Celu",
+        "Clip",
+        "DequantizeLinear",
+        "Div",
+        "Dropout",
+        "Elu",
+        "Erf",
+        "Exp",
+        "Floor",
+        "Gelu",
+        "HardSigmoid",
+        "HardSwish",
+        "Identity",
+        "LeakyRelu",
+        "Log",
+        "Max",
+        "Mean",
+        "Min",
+        "Mish",
+        "Mul",
+        "Neg",
+        "Pow",
+        "PRelu",
+        "QuantizeLinear",
+        "Reciprocal",
+        "Relu",
+        "Round",
+        "Selu",
+        "Sigmoid",
+        "Sign",
+        "Softplus",
+        "Softsign",
+        "Sqrt",
+        "Sub",
+        "Sum",
+        "Tanh",
+        "ThresholdedRelu",
+        "Where",
+    }
+)
+# These keep the order of the axes of their first input.
+STRUCTURAL_OPS = frozenset({"Concat", "Split", "Pad", "Slice"})
+# With keepdims (the default) a reduction keeps every axis where it was.
+REDUCE_OPS = frozenset(
+    {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL2", "ReduceL1"}
+)
+TO_NHWC = [0, 2, 3, 1]
+TO_NCHW = [0, 3, 1, 2]
 
 
 @dataclass(frozen=True)
@@ -12,6 +100,15 @@ class LayerInfo:
     name: str
     op_type: str
     shape: tuple[int | str, ...]
+    layout: Layout
+
+    @property
+    def channel_axis(self) -> int:
+        return 1 if self.layout == "NCHW" else 3
+
+    @property
+    def spatial_axes(self) -> tuple[int, int]:
+        return (2, 3) if self.layout == "NCHW" else (1, 2)
 
 
 def shape_of(value_info: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
@@ -27,26 +124,83 @@ def shape_of(value_info: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
     return tuple(dims)
 
 
+def _output_layout(
+    node: onnx.NodeProto,
+    layouts: dict[str, Layout],
+    ranks: dict[str, int],
+    constants: set[str],
+) -> Layout | None:
+    """The layout of a node's 4-D outputs, or None when it cannot be told."""
+    op = node.op_type
+    if node.domain not in DEFAULT_DOMAINS:
+        return None
+    if op in NCHW_OPS:
+        return "NCHW"
+    if not node.input:
+        return None
+    if op == "Transpose":
+        source = layouts.get(node.input[0])
+        perm = node_attribute(node, "perm", None)
+        perm = list(perm) if isinstance(perm, list) else None
+        if perm == [0, 1, 2, 3]:
+            return source
+        if source == "NCHW" and perm == TO_NHWC:
+            return "NHWC"
+        if source == "NHWC" and perm == TO_NCHW:
+            return "NCHW"
+        return None
+    if op in STRUCTURAL_OPS or (op in REDUCE_OPS and node_attribute(node, "keepdims", 1) == 1):
+        inputs = list(node.input) if op == "Concat" else [node.input[0]]
+    elif op in ELEMENTWISE_OPS:
+        inputs = list(node.input)
+    else:
+        return None
+    # Constants broadcast against the data; other tensors of rank other than 4 do too.
+    seen = {
+        layouts.get(name)
+        for name in inputs
+        if name and name not in constants and ranks.get(name, 4) == 4
+    }
+    if len(seen) != 1:
+        return None
+    (layout,) = seen
+    return layout
+
+
 def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
-    """Node outputs that are 4-D feature maps with a spatial extent above 1x1, in graph order."""
+    """Node outputs that are 4-D feature maps of a known layout with a spatial extent above 1x1,
+    in graph order."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # shape inference is best effort; a model without shapes has no list
         inferred = model
     graph = inferred.graph
     shapes: dict[str, tuple[int | str, ...]] = {}
-    for value_info in [*graph.value_info, *graph.output]:
+    for value_info in [*graph.input, *graph.value_info, *graph.output]:
         shape = shape_of(value_info)
         if shape is not None:
             shapes[value_info.name] = shape
-    spatial_axes = (2, 3) if spec.layout == "NCHW" else (1, 2)
+    ranks = {name: len(shape) for name, shape in shapes.items()}
+    constants = {init.name for init in graph.initializer}
+    constants.update(init.values.name for init in graph.sparse_initializer)
+    feeds = [i.name for i in graph.input if i.name not in constants]
+    image = spec.name or (feeds[0] if feeds else None)
+    layouts: dict[str, Layout] = {} if image is None else {image: spec.layout}
     layers: list[LayerInfo] = []
+    # Valid ONNX graphs are topologically sorted: each node's inputs are known before it.
     for node in graph.node:
-        for output in node.output:
+        if node.op_type == "Constant":
+            constants.update(node.output)
+            continue
+        layout = _output_layout(node, layouts, ranks, constants)
+        outputs = node.output[:1] if node.op_type in NCHW_OPS else node.output
+        for output in outputs:
             shape = shapes.get(output)
-            if shape is None or len(shape) != 4:
-                continue
-            extent = [shape[a] for a in spatial_axes]
+            if layout is None or shape is None or len(shape) != 4:
+                continue  # only known 4-D tensors carry a layout onwards
+            layouts[output] = layout
+            info = LayerInfo(output, node.op_type, shape, layout)
+            extent = [shape[a] for a in info.spatial_axes]
             if all(isinstance(d, int) and d > 1 for d in extent):
-                layers.append(LayerInfo(output, node.op_type, shape))
+                layers.append(info)
     return layers

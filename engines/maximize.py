@@ -18,6 +18,7 @@ from engines.explain import seeds_for
 from engines.gradients import GraphKey
 from engines.graphs import GradientSpec, build_gradient_model
 from engines.images import blur_tensor, preprocess
+from engines.layers import LayerInfo
 from engines.model import LoadedModel
 from engines.runtime import ModelSession
 from schemas.maximize import MaximizeParams
@@ -160,15 +161,17 @@ _channel_sessions: dict[tuple[str, str], tuple[ModelSession, int]] = {}
 _channel_lock = threading.Lock()
 
 
-def layer_means_model(model: LoadedModel, layer: str) -> onnx.ModelProto:
+def layer_means_model(model: LoadedModel, layer: LayerInfo) -> onnx.ModelProto:
     """The forward graph with one output: the per-channel spatial means of `layer`, (N, C)."""
     graph_model = onnx.load(str(model.model_path))
     graph = graph_model.graph
     # GlobalAveragePool and Flatten rather than ReduceMean: both have gradient rules.
-    source = layer
-    if model.channel_axis != 1:
+    source = layer.name
+    if layer.layout == "NHWC":
         source = "maximize/channels_first"
-        graph.node.append(onnx.helper.make_node("Transpose", [layer], [source], perm=[0, 3, 1, 2]))
+        graph.node.append(
+            onnx.helper.make_node("Transpose", [layer.name], [source], perm=[0, 3, 1, 2])
+        )
     graph.node.append(onnx.helper.make_node("GlobalAveragePool", [source], ["maximize/pool"]))
     graph.node.append(onnx.helper.make_node("Flatten", ["maximize/pool"], [LAYER_MEANS]))
     del graph.output[:]
@@ -180,9 +183,8 @@ def layer_means_model(model: LoadedModel, layer: str) -> onnx.ModelProto:
 
 def channel_objective(model: LoadedModel, layer: str, channel: int) -> Objective:
     """Mean activation of one channel of a layer, through a gradient graph of the layer means."""
-    model.gradients.check_layer(layer)
-    info = next(item for item in model.layers if item.name == layer)
-    channels = info.shape[model.channel_axis]
+    info = model.layer(layer)
+    channels = info.shape[info.channel_axis]
     if not isinstance(channels, int) or not 0 <= channel < channels:
         raise InvalidParameters(f"channel {channel} is out of range for layer {layer!r}")
     key = (model.sha256, layer)
@@ -190,7 +192,7 @@ def channel_objective(model: LoadedModel, layer: str, channel: int) -> Objective
         found = _channel_sessions.get(key)
         if found is None:
             spec = GradientSpec(output=LAYER_MEANS, wrt_input=True)
-            gradient_model = build_gradient_model(layer_means_model(model, layer), spec)
+            gradient_model = build_gradient_model(layer_means_model(model, info), spec)
             found = (ModelSession(gradient_model.SerializeToString(), model.options), channels)
             _channel_sessions[key] = found
     session, _ = found

@@ -18,6 +18,7 @@ from engines.deadline import current_deadline
 from engines.errors import DeadlineExceeded, InvalidParameters, TooMuchWork, UnsupportedModel
 from engines.explain import Explained, Explainer, TargetMap, WorkLimits, clean_targets
 from engines.images import blur_tensor, preprocess
+from engines.layers import LayerInfo
 from engines.model import LoadedModel
 from schemas.params import OcclusionParams
 
@@ -136,7 +137,9 @@ class Occlusion(Explainer):
         model: LoadedModel, tensor: np.ndarray, baseline: np.ndarray, params: OcclusionParams
     ) -> WindowScorer:
         """Copies made inside the graph; image and baseline stay bound on the device."""
-        layer = (params.layer or model.default_layer) if params.score == "feature_dip" else None
+        layer = (
+            Occlusion.feature_layer(model, params).name if params.score == "feature_dip" else None
+        )
         session = model.occlusion_session(layer)
         bound = session.bind(
             {
@@ -204,6 +207,9 @@ class Occlusion(Explainer):
                 if self.copies_on_device is None
                 else self.copies_on_device
             )
+            if on_device and params.score == "feature_dip":
+                # The in-graph layer means reduce over the input layout's spatial axes.
+                on_device = self.feature_layer(model, params).layout == spec.layout
             score_windows = (
                 self.device_copies(model, tensor, baseline, params)
                 if on_device
@@ -257,16 +263,19 @@ class Occlusion(Explainer):
             return probability_score
         if params.score == "logit":
             return model.forward
-        layer = params.layer or model.default_layer
-        if layer is None:
-            raise UnsupportedModel("the model has no spatial layer for feature_dip")
-        model.gradients.check_layer(layer)
-        channel_axis = model.channel_axis
+        layer = Occlusion.feature_layer(model, params)
 
         def feature_dip_score(batch: np.ndarray) -> np.ndarray:
-            activations = model.layer_activations(batch, layer)
-            spatial = tuple(a for a in range(1, activations.ndim) if a != channel_axis)
-            means: np.ndarray = activations.mean(axis=spatial)  # (B, C)
+            activations = model.layer_activations(batch, layer.name)
+            means: np.ndarray = activations.mean(axis=layer.spatial_axes)  # (B, C)
             return means
 
         return feature_dip_score
+
+    @staticmethod
+    def feature_layer(model: LoadedModel, params: OcclusionParams) -> LayerInfo:
+        """The layer whose channel means feature_dip watches."""
+        layer = params.layer or model.default_layer
+        if layer is None:
+            raise UnsupportedModel("the model has no spatial layer for feature_dip")
+        return model.layer(layer)

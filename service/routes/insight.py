@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
 
 from engines import insight
+from engines.cam import channels_first
 from engines.errors import InvalidParameters
 from engines.images import decode_image, preprocess
 from engines.model import LoadedModel
@@ -208,7 +209,7 @@ def _activations(
     results: list[LayerActivations] = []
     for layer in dict.fromkeys(parsed.layers):
         raw = model.layer_activations(batch, layer)
-        maps = insight.channels_first(raw, model.channel_axis)
+        maps = np.ascontiguousarray(channels_first(raw, model.layer(layer).channel_axis)[0])
         channels = insight.pick_channels(maps.shape[0], parsed.channels, MAX_CHANNELS, layer)
         results.append(
             LayerActivations(
