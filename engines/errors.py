@@ -64,6 +64,10 @@ class UnsupportedModel(EngineError):
     code = "unsupported_model"
 
 
+class NoReluLikeOp(UnsupportedModel):
+    """Guided backprop was asked of a model with no ReLU-like op on the path."""
+
+
 class TooMuchWork(EngineError):
     """The request would cost more than the configured limits allow."""
 

@@ -27,7 +27,7 @@ from engines.runtime import ModelSession, RuntimeOptions
 
 PREPARED_FOLDER = "gradients"
 # Bumped whenever the graphs we build change shape, so stale cached files are never reused.
-GRAPH_FORMAT = "g4"
+GRAPH_FORMAT = "g5"
 SEED_INPUT = "seed"
 TOP_K_INPUT = "top_k"
 TARGETS_OUTPUT = "targets"
@@ -235,8 +235,15 @@ class GradientGraphs:
         name: str = "model",
         batch_policy: BatchPolicy | None = None,
         on_batch: Callable[[int, int], None] | None = None,
+        forward_graph: onnx.ModelProto | None = None,
+        one_row_per_run: bool = False,
     ) -> None:
+        """`model_sha256` keys the graphs: the digest of `forward_graph` when one is given (the
+        normalised model the graphs are built from), else of the file at `model_path`.
+        `one_row_per_run`: the model's batch is fixed at 1, so batches run row by row."""
         self.name = name
+        self.forward_graph = forward_graph
+        self.one_row_per_run = one_row_per_run
         self.batch_policy = batch_policy
         self.on_batch = on_batch
         self._batchers: dict[
@@ -263,7 +270,9 @@ class GradientGraphs:
             )
 
     def build(self, key: GraphKey) -> onnx.ModelProto:
-        forward = onnx.load(str(self.model_path))
+        forward = (
+            onnx.load(str(self.model_path)) if self.forward_graph is None else self.forward_graph
+        )
         spec = GradientSpec(
             output=self.output,
             layer=key.layer,
@@ -323,9 +332,45 @@ class GradientGraphs:
         )
         key = dataclasses.replace(key, paired=one_seed_each)
         single = batch.shape[0] == 1 and one_seed_each
+        if self.one_row_per_run and batch.shape[0] > 1:
+            return self._run_rows(key, input_name, batch, seeds, top_k)
         if self.batch_policy is None or not single:
             return self._run(key, input_name, batch, seeds, top_k)
         return self._batcher(key, input_name).submit((batch, seeds))
+
+    def _run_rows(
+        self,
+        key: GraphKey,
+        input_name: str,
+        batch: np.ndarray,
+        seeds: np.ndarray | None,
+        top_k: int | None,
+    ) -> GradientResult:
+        """A batch of images with one seed each, one image per run (a fixed batch of 1)."""
+        if not key.paired:
+            raise InvalidParameters("this model takes one image per run: one target per image")
+        rows = [
+            self._run(
+                key,
+                input_name,
+                batch[i : i + 1],
+                None if seeds is None else seeds[i : i + 1],
+                top_k,
+            )
+            for i in range(batch.shape[0])
+        ]
+
+        def joined(values: list[np.ndarray | None]) -> np.ndarray | None:
+            present = [v for v in values if v is not None]
+            return np.concatenate(present) if present else None
+
+        return GradientResult(
+            outputs=np.concatenate([r.outputs for r in rows]),
+            targets=np.concatenate([r.targets for r in rows]),
+            activation=joined([r.activation for r in rows]),
+            grad_layer=joined([r.grad_layer for r in rows]),
+            grad_input=joined([r.grad_input for r in rows]),
+        )
 
     def _batcher(
         self, key: GraphKey, input_name: str

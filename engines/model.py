@@ -12,8 +12,9 @@ import onnx
 from pydantic import ValidationError
 
 from engines.batcher import BatchPolicy, MicroBatcher
-from engines.errors import InvalidModel, InvalidParameters
+from engines.errors import InferenceFailed, InvalidModel, InvalidParameters, UnsupportedModel
 from engines.gradients import GradientGraphs
+from engines.graphs.normalize import Normalized, normalize
 from engines.images import preprocess
 from engines.layers import LayerInfo, spatial_layers
 from engines.runtime import ModelSession, RuntimeOptions
@@ -66,6 +67,44 @@ def read_labels(folder: Path, config: ModelConfig) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _first_input(model: onnx.ModelProto) -> str:
+    initializers = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in initializers]
+    if not names:
+        raise InvalidModel("the model has no input")
+    return str(names[0])
+
+
+def _first_output(model: onnx.ModelProto) -> str:
+    if not model.graph.output:
+        raise InvalidModel("the model has no output")
+    return str(model.graph.output[0].name)
+
+
+def _batch_rewrite_holds(
+    rewritten: onnx.ModelProto, original_path: Path, input_name: str, output_name: str
+) -> bool:
+    """Whether the rewritten model's batch of 2 equals two runs of the original, batch 1."""
+    options = RuntimeOptions(providers="cpu", intra_op_threads=1)
+    try:
+        original = ModelSession(original_path, options)
+        free = ModelSession(rewritten.SerializeToString(), options)
+        declared = next(i for i in rewritten.graph.input if i.name == input_name)
+        dims = [d.dim_value for d in declared.type.tensor_type.shape.dim[1:]]
+        if not all(dims):
+            return False
+        rows = np.random.default_rng(0).standard_normal((2, *dims)).astype(np.float32)
+        (together,) = free.run({input_name: rows}, [output_name])
+        apart = [original.run({input_name: rows[i : i + 1]}, [output_name])[0] for i in range(2)]
+    except (InvalidModel, InferenceFailed):
+        return False
+    expected = np.concatenate(apart)
+    if together.shape != expected.shape:
+        return False
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    return bool(np.abs(together - expected).max() <= 1e-4 * scale)
+
+
 class LoadedModel:
     def __init__(
         self,
@@ -88,23 +127,37 @@ class LoadedModel:
         self._layer_lock = threading.Lock()
         self.sha256 = file_sha256(model_path)
         try:
-            graph = onnx.load(str(model_path))
+            original = onnx.load(str(model_path))
         except Exception as exc:  # protobuf raises DecodeError and friends
             raise InvalidModel(f"{MODEL_FILE} is not a valid ONNX file") from exc
-        self.layers: list[LayerInfo] = spatial_layers(graph, self.config.input)
-        self.session = ModelSession(model_path, options)
-        self.input_name = self.config.input.name or self.session.input_names[0]
-        self.output_name = self.config.output_name or self.session.output_names[0]
+        self.input_name = self.config.input.name or _first_input(original)
+        self.output_name = self.config.output_name or _first_output(original)
+        try:
+            normalized = self._normalized(original, model_path)
+        except UnsupportedModel as exc:
+            raise InvalidModel(str(exc)) from exc
+        self.graph: onnx.ModelProto = normalized.model
+        """The normalised model (engines.graphs.normalize) that every session runs."""
+        self.batch_mode = normalized.batch
+        self.widened_to_float32 = normalized.widened
+        graph_bytes = self.graph.SerializeToString()
+        self.graph_sha256 = hashlib.sha256(graph_bytes).hexdigest()
+        self.layers: list[LayerInfo] = spatial_layers(self.graph, self.config.input)
+        self.session = ModelSession(graph_bytes, options)
         if self.input_name not in self.session.input_names:
             raise InvalidModel(f"config names input {self.input_name!r}, the model has none")
         if self.output_name not in self.session.output_names:
             raise InvalidModel(f"config names output {self.output_name!r}, the model has none")
+        if self.batch_mode == "one_row":
+            batch_policy = None  # one row per run: nothing to batch across requests
         if batch_policy is not None:
             batch_policy = batch_policy.for_provider(self.session.provider)
         self.batch_policy = batch_policy
         self.gradients = GradientGraphs(
             model_path=model_path,
-            model_sha256=self.sha256,
+            model_sha256=self.graph_sha256,
+            forward_graph=self.graph,
+            one_row_per_run=self.batch_mode == "one_row",
             output=self.output_name,
             num_classes=self.num_classes,
             layers={layer.name for layer in self.layers},
@@ -119,6 +172,23 @@ class LoadedModel:
             if batch_policy is None
             else MicroBatcher(f"{name}:forward", self._forward_many, batch_policy, on_batch)
         )
+
+    def _normalized(self, original: onnx.ModelProto, model_path: Path) -> Normalized:
+        """The model normalised for this config; a rewritten batch is kept only if it checks."""
+        spec = self.config.input
+        axes = (2, 3) if spec.layout == "NCHW" else (1, 2)
+        spatial = {axes[0]: spec.height, axes[1]: spec.width}
+        normalized = normalize(original, self.input_name, spatial)
+        if normalized.batch != "rewritten":
+            return normalized
+        if _batch_rewrite_holds(normalized.model, model_path, self.input_name, self.output_name):
+            return normalized
+        return normalize(original, self.input_name, spatial, rewrite_batch=False)
+
+    @property
+    def one_row_per_run(self) -> bool:
+        """The model's batch is fixed at 1 (and could not be made free)."""
+        return self.batch_mode == "one_row"
 
     @property
     def default_layer(self) -> str | None:
@@ -163,6 +233,8 @@ class LoadedModel:
         return self._forward_batcher.submit(batch, rows=batch.shape[0])
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
+        if self.one_row_per_run and batch.shape[0] > 1:
+            return np.concatenate([self._forward(batch[i : i + 1]) for i in range(len(batch))])
         (output,) = self.session.run({self.input_name: batch}, [self.output_name])
         return output.reshape(output.shape[0], -1)
 
@@ -181,7 +253,7 @@ class LoadedModel:
             if session is None:
                 spec = self.config.input
                 wrapped = build_occlusion_model(
-                    onnx.load(str(self.model_path)),
+                    self.graph,
                     self.input_name,
                     self.output_name,
                     spec.layout,
@@ -198,10 +270,17 @@ class LoadedModel:
         with self._layer_lock:
             session = self._layer_sessions.get(layer)
             if session is None:
-                graph = onnx.load(str(self.model_path))
+                graph = onnx.ModelProto()
+                graph.CopyFrom(self.graph)
                 graph.graph.output.append(onnx.ValueInfoProto(name=layer))
                 session = ModelSession(graph.SerializeToString(), self.options)
                 self._layer_sessions[layer] = session
+        if self.one_row_per_run and batch.shape[0] > 1:
+            rows = [
+                session.run({self.input_name: batch[i : i + 1]}, [layer])[0]
+                for i in range(len(batch))
+            ]
+            return np.concatenate(rows)
         (activations,) = session.run({self.input_name: batch}, [layer])
         return activations
 
@@ -214,3 +293,8 @@ class LoadedModel:
     def top_predictions(self, probabilities: np.ndarray, top_k: int) -> list[Prediction]:
         top = np.argsort(-probabilities, kind="stable")[: min(top_k, probabilities.shape[0])]
         return [Prediction(int(i), self.label(int(i)), float(probabilities[i])) for i in top]
+
+    def layer(self, name: str) -> LayerInfo:
+        """The listed layer `name` (InvalidParameters for a name the layer list lacks)."""
+        self.gradients.check_layer(name)
+        return next(info for info in self.layers if info.name == name)

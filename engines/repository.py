@@ -17,6 +17,7 @@ from engines.batcher import BatchPolicy
 from engines.errors import EngineError, ModelNotFound, ModelNotReady
 from engines.model import MODEL_FILE, LoadedModel
 from engines.runtime import RuntimeOptions
+from engines.support import MethodSupport, find_support
 
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -36,6 +37,8 @@ class ModelEntry:
     state: ModelState = ModelState.LOADING
     reason: str | None = None
     model: LoadedModel | None = field(default=None, repr=False)
+    support: list[MethodSupport] = field(default_factory=list, repr=False)
+    """Per explanation method, whether the model supports it and why not."""
 
 
 class ModelRepository:
@@ -81,6 +84,7 @@ class ModelRepository:
             entry.model = LoadedModel(
                 entry.name, entry.folder, self.options, cache, self.batch_policy, on_batch
             )
+            entry.support = find_support(entry.model)
         except EngineError as exc:
             entry.state, entry.reason = ModelState.FAILED, exc.message
             log.warning("model %s failed to load: %s", entry.name, exc.message)

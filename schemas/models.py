@@ -22,6 +22,18 @@ class Layer(BaseModel):
     name: str
     op_type: str
     shape: list[int | str]
+    layout: Literal["NCHW", "NHWC"] = Field(
+        description="Where this feature map keeps its channels, which can differ from the "
+        "input's layout (an NHWC model may run NCHW convolutions inside)."
+    )
+
+
+class MethodSupport(BaseModel):
+    method: str
+    supported: bool
+    reason: str | None = Field(
+        default=None, description="Why not: the op and node, or what the model lacks."
+    )
 
 
 class ModelInfo(ModelSummary):
@@ -38,6 +50,15 @@ class ModelInfo(ModelSummary):
         description="4-D spatial activations usable for Grad-CAM and activation maps.",
     )
     default_layer: str | None = None
+    batch: Literal["free", "rewritten", "one_row"] | None = Field(
+        default=None,
+        description="`free`: the model takes any batch; `rewritten`: exported with a batch of "
+        "1, made free here and checked against batch-1 runs at load; `one_row`: the batch "
+        "stays 1 and batches run one row at a time.",
+    )
+    methods: list[MethodSupport] = Field(
+        default_factory=list, description="Per explanation method: supported, or why not."
+    )
 
 
 class Readiness(BaseModel):

@@ -74,6 +74,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from engines.model import LoadedModel
     from engines.repository import MODEL_NAME_PATTERN
     from engines.runtime import RuntimeOptions
+    from engines.support import find_support
 
     settings = Settings()
     repository = Path(args.repository) if args.repository else settings.model_repository
@@ -82,19 +83,29 @@ def _prepare(args: argparse.Namespace) -> int:
         return 2
     try:
         model = LoadedModel(args.model, repository / args.model, RuntimeOptions(providers="cpu"))
+        support = {entry.method: entry for entry in find_support(model)}
+        print(f"model {model.name}: batch {model.batch_mode}, default layer {model.default_layer}")
+        width = max(len(method) for method in support)
+        for entry in support.values():
+            verdict = "supported" if entry.supported else f"unsupported: {entry.reason}"
+            print(f"  {entry.method:<{width}}  {verdict}")
         layers = args.layer or ([model.default_layer] if model.default_layer else [])
-        keys = [
-            GraphKey(layer, wrt_input=False, guided=False, top_k_seeds=top_k, paired=paired)
-            for layer in layers
-            for top_k in (False, True)
-            for paired in (False, True)
-        ]
-        keys += [
-            GraphKey(None, wrt_input=True, guided=guided, top_k_seeds=top_k, paired=paired)
-            for guided in (False, True)
-            for top_k in (False, True)
-            for paired in (False, True)
-        ]
+        keys = []
+        if support["gradcam"].supported:
+            keys += [
+                GraphKey(layer, wrt_input=False, guided=False, top_k_seeds=top_k, paired=paired)
+                for layer in layers
+                for top_k in (False, True)
+                for paired in (False, True)
+            ]
+        guided_options = [False, True] if support["guided_backprop"].supported else [False]
+        if support["saliency"].supported:
+            keys += [
+                GraphKey(None, wrt_input=True, guided=guided, top_k_seeds=top_k, paired=paired)
+                for guided in guided_options
+                for top_k in (False, True)
+                for paired in (False, True)
+            ]
         for key in keys:
             path = model.gradients.prepare(key, model.gradients.prepared_dir)
             print(path)

@@ -33,11 +33,11 @@ def test_prepare_writes_graphs_into_the_model_folder(
 ) -> None:
     write_model_folder(tmp_path / "tiny")
     assert main(["prepare", "tiny", "--repository", str(tmp_path)]) == 0
-    written = [Path(line) for line in capsys.readouterr().out.split()]
+    written = [Path(w) for w in capsys.readouterr().out.split() if w.endswith(".onnx")]
     assert len(written) == 12
     assert all(p.parent == tmp_path / "tiny" / "gradients" and p.is_file() for p in written)
     model = LoadedModel("tiny", tmp_path / "tiny", CPU, cache_dir=tmp_path / "cache")
-    assert model.gradients.prepared_dir / CAM_USED.file_name(model.sha256) in written
+    assert model.gradients.prepared_dir / CAM_USED.file_name(model.graph_sha256) in written
     run_cam(model)
     assert not (tmp_path / "cache").exists()  # the prepared graph was used, nothing rebuilt
 
@@ -52,7 +52,7 @@ def test_unprepared_graphs_go_to_the_cache_and_survive_a_read_only_model_folder(
         cache = tmp_path / "cache"
         model = LoadedModel("tiny", folder, CPU, cache_dir=cache)
         first = run_cam(model)
-        cached = cache / CAM_USED.file_name(model.sha256)
+        cached = cache / CAM_USED.file_name(model.graph_sha256)
         assert cached.is_file()
         stamp = os.stat(cached).st_mtime_ns
         again = LoadedModel("tiny", folder, CPU, cache_dir=cache)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.errors import InvalidParameters, UnsupportedModel
+from engines.errors import InvalidParameters, NoReluLikeOp, UnsupportedModel
 from engines.graphs.centring import centre_clips
 from engines.graphs.context import (
     DEFAULT_DOMAINS,
@@ -34,6 +34,8 @@ GRAD_INPUT = "grad_input"
 RESERVED = (SEED, ACTIVATION, GRAD_LAYER, GRAD_INPUT)
 MIN_OPSET = 13
 SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), which MaxPool's gradient needs
+# Ops whose rules apply guided backprop's filter (negative gradients stop there).
+RELU_LIKE = frozenset({"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "HardSwish"})
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ def build_gradient_model(model: onnx.ModelProto, spec: GradientSpec) -> onnx.Mod
     if spec.wrt_input and data_input not in active:
         raise UnsupportedModel(f"output {spec.output!r} does not depend on the model input")
     _check_float32(active, info)
+    _check_subgraphs(graph, active)
+    if spec.guided:
+        _check_guided(graph, active)
     centre_clips(graph, info, emit, active, {spec.output, data_input, *sources})
     totals = _backward(graph, spec.output, spec.guided, active, info, emit, sorted(sources))
 
@@ -268,12 +273,35 @@ def _check_float32(active: set[str], info: GraphInfo) -> None:
             raise UnsupportedModel(f"tensor {name!r} on the differentiated path is not float32")
 
 
+def _check_subgraphs(graph: onnx.GraphProto, active: set[str]) -> None:
+    """If/Loop/Scan bodies that read a differentiated tensor have no rule: refuse, by name."""
+    for node in graph.node:
+        if subgraph_reads(node) & active and any(o in active for o in node.output):
+            label = node.name or node.output[0]
+            raise UnsupportedModel(
+                f"cannot differentiate {node.op_type} node {label!r}: its subgraph reads a "
+                "tensor on the differentiated path"
+            )
+
+
+def _check_guided(graph: onnx.GraphProto, active: set[str]) -> None:
+    """Guided backprop without a ReLU-like op on the path would be plain saliency: refuse."""
+    for node in graph.node:
+        if node.op_type in RELU_LIKE and any(i in active for i in node.input[:1]):
+            return
+    raise NoReluLikeOp(
+        "guided backprop needs a ReLU-like op (" + ", ".join(sorted(RELU_LIKE)) + ") between "
+        "the input and the output; this model has none (e.g. a SiLU or GELU network)"
+    )
+
+
 def _ancestors(nodes: Sequence[onnx.NodeProto], output: str) -> set[str]:
-    """Every tensor `output` is computed from (itself included)."""
+    """Every tensor `output` is computed from (itself included), subgraphs' reads among them."""
     needed = {output}
     for node in reversed(nodes):
         if any(o in needed for o in node.output):
             needed.update(i for i in node.input if i)
+            needed.update(subgraph_reads(node))
     return needed
 
 
@@ -283,7 +311,7 @@ def _active_tensors(
     """Float tensors that depend on a source and that the output depends on."""
     reached = set(sources)
     for node in nodes:
-        if any(i in reached for i in node.input if i):
+        if any(i in reached for i in [*node.input, *subgraph_reads(node)] if i):
             reached.update(o for o in node.output if o and info.is_float(o))
     return reached & _ancestors(nodes, output)
 

@@ -7,7 +7,7 @@ from engines.images import decode_image
 from engines.model import Prediction as EnginePrediction
 from engines.repository import ModelEntry, ModelState
 from schemas.errors import ErrorResponse
-from schemas.models import Layer, ModelInfo, ModelList, ModelSummary
+from schemas.models import Layer, MethodSupport, ModelInfo, ModelList, ModelSummary
 from schemas.predict import Prediction, PredictRequest, PredictResponse
 from service.inputs import read_image_request
 from service.observability import observe_stages
@@ -81,10 +81,20 @@ async def model_info(name: ModelName, state: State) -> ModelInfo:
             "output": model.config.output,
             "labels_count": model.num_classes,
             "layers": [
-                Layer(name=layer.name, op_type=layer.op_type, shape=list(layer.shape))
+                Layer(
+                    name=layer.name,
+                    op_type=layer.op_type,
+                    shape=list(layer.shape),
+                    layout=layer.layout,
+                )
                 for layer in model.layers
             ],
             "default_layer": model.default_layer,
+            "batch": model.batch_mode,
+            "methods": [
+                MethodSupport(method=s.method, supported=s.supported, reason=s.reason)
+                for s in entry.support
+            ],
         }
     )
 

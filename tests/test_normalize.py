@@ -1,0 +1,412 @@
+"""Exported-model noise: free height and width, shape arithmetic, a fixed batch, float16, If
+nodes and guided backprop without ReLUs, each on a tiny graph with a twin whose answer is known.
+
+Every comparison runs the served model through real HTTP against a clean twin of the same
+weights (static dims, constant pads, float32, free batch).
+"""
+
+import base64
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import onnx
+import pytest
+from fastapi.testclient import TestClient
+from onnx import TensorProto, helper, numpy_helper
+
+from engines.graphs.normalize import normalize
+from tests.conftest import make_client
+
+Array = npt.NDArray[Any]
+SIZE = 16
+OPSET = 17
+RNG = np.random.default_rng(3)
+CONV_W = RNG.normal(size=(4, 3, 3, 3)).astype(np.float32)
+CONV_B = RNG.normal(size=4).astype(np.float32) * 0.1
+FC_W = RNG.normal(size=(3, 4)).astype(np.float32)
+FC_B = RNG.normal(size=3).astype(np.float32) * 0.1
+
+
+def _save(
+    folder: Path,
+    nodes: list[onnx.NodeProto],
+    inits: dict[str, Array],
+    input_dims: list[Any],
+    output_dims: list[Any],
+    elem: int = TensorProto.FLOAT,
+) -> Path:
+    graph = helper.make_graph(
+        nodes,
+        folder.name,
+        [helper.make_tensor_value_info("x", elem, input_dims)],
+        [helper.make_tensor_value_info("logits", elem, output_dims)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    config = {
+        "input": {"height": SIZE, "width": SIZE, "scale": 1 / 255, "mean": [0.5] * 3},
+        "output": "logits",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "labels.txt").write_text("a\nb\nc\n")
+    return folder
+
+
+def _weights(dtype: type = np.float32) -> dict[str, Array]:
+    return {"w": CONV_W.astype(dtype), "b": CONV_B.astype(dtype), "fc": FC_W.astype(dtype)}
+
+
+def _head(features: str, pooled: str = "pool") -> list[onnx.NodeProto]:
+    return [
+        helper.make_node("GlobalAveragePool", [features], [pooled]),
+        helper.make_node("Flatten", [pooled], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1),
+    ]
+
+
+def plain_model(folder: Path) -> Path:
+    """The clean reference: Pad 1 -> Conv 3x3 -> Relu -> GAP -> Gemm, free batch."""
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["padded"]),
+        helper.make_node("Conv", ["padded", "w", "b"], ["conv"]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        *_head("relu"),
+    ]
+    inits = {**_weights(), "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}
+    return _save(folder, nodes, inits, ["N", 3, SIZE, SIZE], ["N", 3])
+
+
+def exported_model(folder: Path) -> Path:
+    """The same network as an exporter writes it with free H and W: the pads computed from
+    Shape arithmetic, an Identity, a Cast to float32 of a float32 tensor, and a Reshape whose
+    target is computed from the batch."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Slice", ["shape", "two", "four"], ["hw"]),
+        helper.make_node("Sub", ["hw", "hw"], ["zeros"]),
+        helper.make_node("Add", ["zeros", "one"], ["ones"]),
+        helper.make_node("Concat", ["zero_pair", "ones", "zero_pair", "ones"], ["pads"], axis=0),
+        helper.make_node("Pad", ["x", "pads"], ["padded"]),
+        helper.make_node("Identity", ["padded"], ["same"]),
+        helper.make_node("Cast", ["same"], ["cast"], to=TensorProto.FLOAT),
+        helper.make_node("Conv", ["cast", "w", "b"], ["conv"]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Shape", ["pool"], ["pool_shape"]),
+        helper.make_node("Gather", ["pool_shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "zero_axis"], ["batch_1d"]),
+        helper.make_node("Concat", ["batch_1d", "minus_one"], ["flat_shape"], axis=0),
+        helper.make_node("Reshape", ["pool", "flat_shape"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1),
+    ]
+    inits = {
+        **_weights(),
+        "two": np.array([2], np.int64),
+        "four": np.array([4], np.int64),
+        "one": np.array([1], np.int64),
+        "zero_pair": np.array([0, 0], np.int64),
+        "zero": np.array(0, np.int64),
+        "zero_axis": np.array([0], np.int64),
+        "minus_one": np.array([-1], np.int64),
+    }
+    return _save(folder, nodes, inits, ["N", 3, "height", "width"], ["N", 3])
+
+
+def fixed_batch_model(folder: Path, *, rewritable: bool) -> Path:
+    """Batch fixed at 1. With `rewritable` its only batch constant is a Reshape target; without,
+    a constant [1, 1] column is concatenated to the features, which no free batch allows."""
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["padded"]),
+        helper.make_node("Conv", ["padded", "w", "b"], ["conv"]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Reshape", ["pool", "flat_shape"], ["flat"]),
+    ]
+    inits = {
+        **_weights(),
+        "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+        "flat_shape": np.array([1, -1], np.int64),
+    }
+    if rewritable:
+        nodes.append(helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1))
+    else:
+        inits["column"] = np.zeros((1, 1), np.float32)
+        inits["fc5"] = np.concatenate([FC_W, np.ones((3, 1), np.float32)], axis=1)
+        del inits["fc"]
+        nodes += [
+            helper.make_node("Concat", ["flat", "column"], ["wide"], axis=1),
+            helper.make_node("Gemm", ["wide", "fc5"], ["logits"], transB=1),
+        ]
+    return _save(folder, nodes, inits, [1, 3, SIZE, SIZE], [1, 3])
+
+
+def half_model(folder: Path) -> Path:
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["padded"]),
+        helper.make_node("Conv", ["padded", "w", "b"], ["conv"]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        *_head("relu"),
+    ]
+    inits = {**_weights(np.float16), "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}
+    return _save(folder, nodes, inits, ["N", 3, SIZE, SIZE], ["N", 3], TensorProto.FLOAT16)
+
+
+def half_twin(folder: Path) -> Path:
+    """float32 with the float16 model's rounded weights: the same function, computed wider."""
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["padded"]),
+        helper.make_node("Conv", ["padded", "w", "b"], ["conv"]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        *_head("relu"),
+    ]
+    rounded = {k: v.astype(np.float16).astype(np.float32) for k, v in _weights().items()}
+    inits: dict[str, Array] = {**rounded, "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}
+    return _save(folder, nodes, inits, ["N", 3, SIZE, SIZE], ["N", 3])
+
+
+def if_model(folder: Path) -> Path:
+    """An If whose branches read the Conv's output from the outer scope."""
+    then_branch = helper.make_graph(
+        [helper.make_node("Relu", ["conv"], ["then_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["conv"], ["else_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "If",
+            ["flag"],
+            ["branch"],
+            name="choose_branch",
+            then_branch=then_branch,
+            else_branch=else_branch,
+        ),
+        *_head("branch"),
+    ]
+    inits = {**_weights(), "flag": np.array(True)}
+    return _save(folder, nodes, inits, ["N", 3, SIZE, SIZE], ["N", 3])
+
+
+def silu_model(folder: Path) -> Path:
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["conv"], ["gate"]),
+        helper.make_node("Mul", ["conv", "gate"], ["silu"]),
+        *_head("silu"),
+    ]
+    return _save(folder, nodes, _weights(), ["N", 3, SIZE, SIZE], ["N", 3])
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    root = tmp_path_factory.mktemp("normalize")
+    plain_model(root / "plain")
+    exported_model(root / "exported")
+    fixed_batch_model(root / "fixed-rewritable", rewritable=True)
+    fixed_batch_model(root / "fixed-stuck", rewritable=False)
+    half_model(root / "half")
+    half_twin(root / "half-twin")
+    if_model(root / "if")
+    silu_model(root / "silu")
+    with make_client(root, max_batch=4) as client:
+        yield client
+
+
+def _image(seed: int = 5) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    ok, png = cv2.imencode(".png", pixels)
+    assert ok
+    return base64.b64encode(png.tobytes()).decode()
+
+
+def _explain(
+    client: TestClient, model: str, method: str, status: int = 200, **extra: Any
+) -> dict[str, Any]:
+    body = {
+        "image": _image(),
+        "method": method,
+        "targets": [1],
+        "output": {"format": "array", "normalize": "none", "size": "model"},
+        **extra,
+    }
+    response = client.post(f"/v1/models/{model}/explain", json=body)
+    assert response.status_code == status, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def _map(answer: dict[str, Any]) -> Array:
+    heatmap = answer["explanations"][0]["heatmap"]
+    return np.frombuffer(base64.b64decode(heatmap["data"]), np.float32).reshape(heatmap["shape"])
+
+
+GRADIENT_METHODS = ["saliency", "gradcam", "guided_backprop", "integrated_gradients"]
+
+
+# --- normalisation on its own ----------------------------------------------------------------
+
+
+def test_free_dims_are_fixed_and_shape_arithmetic_is_folded(tmp_path: Path) -> None:
+    model = onnx.load(str(exported_model(tmp_path / "m") / "model.onnx"))
+
+    normalized = normalize(model, "x", {2: SIZE, 3: SIZE})
+
+    ops = [n.op_type for n in normalized.model.graph.node]
+    assert "Identity" not in ops
+    assert "Cast" not in ops
+    assert ops.count("Shape") == 1  # only the batch-dependent Reshape target stays computed
+    pad = next(n for n in normalized.model.graph.node if n.op_type == "Pad")
+    pads = next(i for i in normalized.model.graph.initializer if i.name == pad.input[1])
+    assert numpy_helper.to_array(pads).tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    dims = normalized.model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["N", 3, SIZE, SIZE]
+    assert normalized.batch == "free"
+
+
+# --- through the service ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_a_free_height_and_width_export_explains_like_its_static_twin(
+    client: TestClient, method: str
+) -> None:
+    served = _map(_explain(client, "exported", method))
+    twin = _map(_explain(client, "plain", method))
+
+    assert np.abs(twin).max() > 0
+    np.testing.assert_allclose(served, twin, rtol=1e-5, atol=1e-6)
+
+
+def test_model_info_says_how_the_batch_runs(client: TestClient) -> None:
+    batches = {
+        name: client.get(f"/v1/models/{name}").json()["batch"]
+        for name in ("plain", "fixed-rewritable", "fixed-stuck")
+    }
+
+    assert batches == {"plain": "free", "fixed-rewritable": "rewritten", "fixed-stuck": "one_row"}
+
+
+@pytest.mark.parametrize("name", ["fixed-rewritable", "fixed-stuck"])
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("saliency", {}),
+        ("gradcam", {}),
+        ("smoothgrad", {"samples": 5, "seed": 1}),
+        ("integrated_gradients", {"steps": 6}),
+        ("occlusion", {"window": 8, "stride": 4}),
+    ],
+)
+def test_a_fixed_batch_model_serves_batched_methods(
+    client: TestClient, name: str, method: str, params: dict[str, Any]
+) -> None:
+    served = _map(_explain(client, name, method, params=params))
+    if name == "fixed-rewritable":  # the same function as the free-batch twin
+        np.testing.assert_allclose(
+            served, _map(_explain(client, "plain", method, params=params)), rtol=1e-4, atol=1e-6
+        )
+    assert np.isfinite(served).all()
+    assert np.abs(served).max() > 0
+
+
+@pytest.mark.parametrize("name", ["fixed-rewritable", "fixed-stuck"])
+def test_a_fixed_batch_model_answers_concurrent_requests(client: TestClient, name: str) -> None:
+    def call(index: int) -> int:
+        if index % 3 == 0:
+            body = {"image": _image(index), "top_k": 2}
+            return client.post(f"/v1/models/{name}/predict", json=body).status_code
+        method = "gradcam" if index % 3 == 1 else "saliency"
+        body = {"image": _image(index), "method": method, "top_k": 1}
+        return client.post(f"/v1/models/{name}/explain", json=body).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(call, range(15)))
+
+    assert statuses == [200] * 15
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_a_float16_model_gets_float32_gradients(client: TestClient, method: str) -> None:
+    served = _map(_explain(client, "half", method))
+    twin = _map(_explain(client, "half-twin", method))
+
+    np.testing.assert_allclose(served, twin, rtol=1e-5, atol=1e-6)
+
+
+def test_an_if_node_reading_the_differentiated_path_is_refused_by_name(client: TestClient) -> None:
+    answer = _explain(client, "if", "saliency", status=422)
+
+    assert answer["error"]["code"] == "unsupported_model"
+    assert "If node 'choose_branch'" in answer["error"]["message"]
+
+
+def test_guided_backprop_without_relus_is_refused(client: TestClient) -> None:
+    for method in ("guided_backprop", "guided_gradcam"):
+        answer = _explain(client, "silu", method, status=422)
+        assert "ReLU-like" in answer["error"]["message"]
+    assert np.abs(_map(_explain(client, "silu", "saliency"))).max() > 0
+
+
+# --- the support table -----------------------------------------------------------------------
+
+
+def _support(client: TestClient, model: str) -> dict[str, str | None]:
+    methods = client.get(f"/v1/models/{model}").json()["methods"]
+    return {m["method"]: None if m["supported"] else m["reason"] for m in methods}
+
+
+def test_model_info_lists_every_method_supported_on_a_plain_cnn(client: TestClient) -> None:
+    from engines.methods import EXPLAINERS
+
+    support = _support(client, "plain")
+
+    assert set(support) == set(EXPLAINERS)
+    assert all(reason is None for reason in support.values())
+
+
+def test_model_info_names_what_a_model_lacks(client: TestClient) -> None:
+    silu, branching = _support(client, "silu"), _support(client, "if")
+
+    assert "ReLU-like" in str(silu["guided_backprop"])
+    assert "ReLU-like" in str(silu["guided_gradcam"])
+    assert silu["saliency"] is None
+    assert silu["gradcam"] is None
+    assert "If node 'choose_branch'" in str(branching["saliency"])
+    assert "If node 'choose_branch'" in str(branching["gradcam"])
+    assert branching["occlusion"] is None
+
+
+def test_prepare_prints_the_support_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    silu_model(tmp_path / "silu")
+
+    assert main(["prepare", "silu", "--repository", str(tmp_path)]) == 0
+
+    printed = capsys.readouterr().out
+    assert "batch free" in printed
+    assert "guided_backprop" in printed
+    assert "unsupported: guided backprop needs a ReLU-like op" in printed
+    assert any(
+        line.strip().startswith("saliency") and "supported" in line for line in printed.splitlines()
+    )
+    assert list((tmp_path / "silu" / "gradients").glob("*guided*")) == []
