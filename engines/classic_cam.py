@@ -139,13 +139,13 @@ _heads_lock = threading.Lock()
 def cam_head(model: LoadedModel) -> CamHead:
     """The model's CAM head, found once per model file."""
     with _heads_lock:
-        found = _heads.get(model.sha256)
+        found = _heads.get(model.graph_sha256)
         if found is None:
             try:
-                found = find_cam_head(onnx.load(str(model.model_path)), model.output_name)
+                found = find_cam_head(model.graph, model.output_name)
             except UnsupportedModel as exc:
                 found = exc
-            _heads[model.sha256] = found
+            _heads[model.graph_sha256] = found
     if isinstance(found, UnsupportedModel):
         raise UnsupportedModel(found.message)
     return found

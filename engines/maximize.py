@@ -163,7 +163,8 @@ _channel_lock = threading.Lock()
 
 def layer_means_model(model: LoadedModel, layer: LayerInfo) -> onnx.ModelProto:
     """The forward graph with one output: the per-channel spatial means of `layer`, (N, C)."""
-    graph_model = onnx.load(str(model.model_path))
+    graph_model = onnx.ModelProto()
+    graph_model.CopyFrom(model.graph)
     graph = graph_model.graph
     # GlobalAveragePool and Flatten rather than ReduceMean: both have gradient rules.
     source = layer.name
@@ -187,7 +188,7 @@ def channel_objective(model: LoadedModel, layer: str, channel: int) -> Objective
     channels = info.shape[info.channel_axis]
     if not isinstance(channels, int) or not 0 <= channel < channels:
         raise InvalidParameters(f"channel {channel} is out of range for layer {layer!r}")
-    key = (model.sha256, layer)
+    key = (model.graph_sha256, layer)
     with _channel_lock:
         found = _channel_sessions.get(key)
         if found is None:

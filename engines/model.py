@@ -200,7 +200,7 @@ class LoadedModel:
 
     @property
     def channel_axis(self) -> int:
-        """Channel axis of batched input tensors and feature maps."""
+        """Channel axis of batched input tensors (a feature map's is its LayerInfo's)."""
         return 1 if self.config.input.layout == "NCHW" else 3
 
     def to_probabilities(self, outputs: np.ndarray) -> np.ndarray:
@@ -260,6 +260,7 @@ class LoadedModel:
                     spec.height,
                     spec.width,
                     layer,
+                    (2, 3) if layer is None else self.layer(layer).spatial_axes,
                 )
                 session = ModelSession(wrapped.SerializeToString(), self.options)
                 self._layer_sessions[key] = session

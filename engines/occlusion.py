@@ -207,9 +207,8 @@ class Occlusion(Explainer):
                 if self.copies_on_device is None
                 else self.copies_on_device
             )
-            if on_device and params.score == "feature_dip":
-                # The in-graph layer means reduce over the input layout's spatial axes.
-                on_device = self.feature_layer(model, params).layout == spec.layout
+            # A model whose batch stays 1 runs the copies one by one, through `forward`.
+            on_device = on_device and not model.one_row_per_run
             score_windows = (
                 self.device_copies(model, tensor, baseline, params)
                 if on_device

@@ -29,11 +29,12 @@ def build_occlusion_model(
     height: int,
     width: int,
     layer: str | None = None,
+    layer_spatial_axes: tuple[int, int] = (2, 3),
 ) -> onnx.ModelProto:
     """The model with `input_name` computed from IMAGE, BASELINE, TOPS, LEFTS and WINDOW.
 
     Outputs: `output_name` for every copy, and with `layer` also LAYER_MEANS, the layer's
-    per-channel spatial means (B, C).
+    per-channel means (B, C) over `layer_spatial_axes` (its own layout's, not the input's).
     """
     wrapped = onnx.ModelProto()
     wrapped.CopyFrom(model)
@@ -102,7 +103,7 @@ def build_occlusion_model(
     graph.node.extend([*prefix, *body])
 
     if layer is not None:
-        spatial = [a for a in (1, 2, 3) if a != channel_axis]
+        spatial = list(layer_spatial_axes)
         if _opset(wrapped) >= 18:
             axes = numpy_helper.from_array(np.array(spatial, dtype=np.int64), PREFIX + "axes")
             graph.initializer.append(axes)
