@@ -199,35 +199,6 @@ def gemm(ctx: NodeGrad) -> Grads:
     return grads
 
 
-def _swap_last(ctx: NodeGrad, name: str) -> str:
-    rank = ctx.rank(name)
-    perm = [*range(rank - 2), rank - 1, rank - 2]
-    return ctx.op("Transpose", [name], perm=perm)
-
-
-def matmul(ctx: NodeGrad) -> Grads:
-    a, b = ctx.node.input[0], ctx.node.input[1]
-    a_dims, b_dims, out_dims = ctx.dims(a), ctx.dims(b), ctx.dims(ctx.node.output[0])
-    grads = zero_grads(ctx)
-    if ctx.needs[0]:
-        if len(a_dims) < 2:
-            raise ctx.fail("its A operand has no batch axis")
-        if len(b_dims) == 1:
-            grad = ctx.op("Mul", [ctx.op("Unsqueeze", [ctx.grad, ctx.emit.ints([-1])]), b])
-            grads[0] = grad
-        else:
-            grad = ctx.op("MatMul", [ctx.grad, _swap_last(ctx, b)])
-            grads[0] = unbroadcast(ctx, grad, (*out_dims[:-1], a_dims[-1]), a)
-    if ctx.needs[1]:
-        if len(b_dims) < 2:
-            raise ctx.fail("its B operand has no batch axis")
-        if len(a_dims) == 1:
-            raise ctx.fail("a vector times an input-dependent matrix mixes the batch")
-        grad = ctx.op("MatMul", [_swap_last(ctx, a), ctx.grad])
-        grads[1] = unbroadcast(ctx, grad, (*out_dims[:-2], b_dims[-2], out_dims[-1]), b)
-    return grads
-
-
 # --- shape ops -------------------------------------------------------------------------------
 
 
@@ -338,7 +309,6 @@ RULES: dict[str, Rule] = {
     "Mul": mul,
     "Div": div,
     "Gemm": gemm,
-    "MatMul": matmul,
     "Flatten": flatten,
     "Reshape": reshape,
     "Squeeze": squeeze,
