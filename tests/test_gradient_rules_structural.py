@@ -497,11 +497,6 @@ def test_resize_backward_is_matrix_products() -> None:
     assert "Transpose" not in backward
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="onnx's version converter turns Upsample-9 linear into a half_pixel Resize, not an "
-    "asymmetric one, so the converted forward (engines.graphs.autodiff._prepared) differs",
-)
 def test_upsample_linear_matches_finite_differences() -> None:
     def case(nodes: tuple[onnx.NodeProto, ...], opset: int) -> Case:
         return Case("upsample_linear", MAP, nodes, {"scales": floats(1, 1, 2, 2)}, opset=opset)

@@ -26,14 +26,13 @@ from engines.graphs.context import (
     walk,
 )
 from engines.graphs.derivatives import RULES
+from engines.graphs.normalize import at_gradient_opset, opset_of
 
 SEED = "seed"
 ACTIVATION = "activation"
 GRAD_LAYER = "grad_layer"
 GRAD_INPUT = "grad_input"
 RESERVED = (SEED, ACTIVATION, GRAD_LAYER, GRAD_INPUT)
-MIN_OPSET = 13
-SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), which MaxPool's gradient needs
 # Ops whose rules apply guided backprop's filter (negative gradients stop there).
 RELU_LIKE = frozenset({"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "HardSwish"})
 
@@ -115,25 +114,11 @@ def _input_batch_dim(graph: onnx.GraphProto, info: GraphInfo, data_input: str) -
 # --- preparation -----------------------------------------------------------------------------
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
-    return versions[0] if versions else 1
-
-
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy at an opset the backward ops exist in (>= 13; >= 16 when MaxPool is used)."""
+    """A copy at an opset the backward ops exist in (see `normalize.at_gradient_opset`)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    opset = _opset(copy)
-    target = max(opset, MIN_OPSET)
-    if opset < SCATTER_ADD_OPSET and any(n.op_type == "MaxPool" for n in copy.graph.node):
-        target = SCATTER_ADD_OPSET
-    if target == opset:
-        return copy
-    try:
-        return onnx.version_converter.convert_version(copy, target)
-    except Exception as exc:  # the converter raises assorted errors for ops it cannot map
-        raise UnsupportedModel(f"cannot convert the model from opset {opset} to {target}") from exc
+    return at_gradient_opset(copy)
 
 
 def _data_input(graph: onnx.GraphProto) -> str:
@@ -219,7 +204,9 @@ def _graph_info(model: onnx.ModelProto) -> GraphInfo:
     for init in initializers.values():
         shapes[init.name] = tuple(init.dims)
         elem_types[init.name] = init.data_type
-    return GraphInfo(shapes, elem_types, initializers, _constant_nodes(model.graph), _opset(model))
+    return GraphInfo(
+        shapes, elem_types, initializers, _constant_nodes(model.graph), opset_of(model)
+    )
 
 
 def _constant_nodes(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:

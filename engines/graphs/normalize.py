@@ -46,6 +46,9 @@ _NOT_FOLDED = {
 # Larger folded tensors stay computed: folding them would only grow the file.
 _MAX_FOLDED_ELEMENTS = 1 << 16
 _FLOAT_TYPES_TO_WIDEN = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+MIN_OPSET = 13
+RESIZE_COORDINATES_OPSET = 11  # Resize's coordinate_transformation_mode, where Upsample ends
+SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), which MaxPool's gradient needs
 
 
 @dataclass
@@ -76,6 +79,9 @@ def normalize(
         raise UnsupportedModel(f"the model has no input {input_name!r}")
     _fix_dims(data_input, spatial)
     widened = _widen_to_float32(result)
+    result = at_gradient_opset(result)
+    graph = result.graph
+    data_input = next(i for i in graph.input if i.name == input_name)
     batch: BatchMode = "free"
     if _fixed_batch_of_one(data_input):
         batch = "rewritten" if rewrite_batch else "one_row"
@@ -96,6 +102,48 @@ def _fix_dims(value: onnx.ValueInfoProto, spatial: dict[int, int]) -> None:
 def _fixed_batch_of_one(value: onnx.ValueInfoProto) -> bool:
     dims = value.type.tensor_type.shape.dim
     return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
+    return versions[0] if versions else 1
+
+
+def at_gradient_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model at an opset the backward ops exist in (>= 13; >= 16 when MaxPool is used).
+
+    Done once here, so the forward sessions and the gradient graphs run the same graph (the
+    converter renames some tensors) and layer names mean the same tensor in both.
+    """
+    opset = opset_of(model)
+    target = max(opset, MIN_OPSET)
+    if opset < SCATTER_ADD_OPSET and any(n.op_type == "MaxPool" for n in model.graph.node):
+        target = SCATTER_ADD_OPSET
+    if target == opset:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+    except Exception as exc:  # the converter raises assorted errors for ops it cannot map
+        raise UnsupportedModel(f"cannot convert the model from opset {opset} to {target}") from exc
+    if opset < RESIZE_COORDINATES_OPSET:
+        _keep_asymmetric_coordinates(converted.graph)
+    return converted
+
+
+def _keep_asymmetric_coordinates(graph: onnx.GraphProto) -> None:
+    """Upsample and Resize-10 sample at x_out / scale; onnx's converter gives the Resizes it
+    makes of them (every Resize of a model below opset 11) the half_pixel default, which moves
+    every linear sample. Put it back."""
+    for node in graph.node:
+        if node.op_type != "Resize":
+            continue
+        kept = [a for a in node.attribute if a.name not in ("coordinate_transformation_mode",)]
+        kept.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+        if node_attribute(node, "mode", b"nearest") in (b"nearest", "nearest"):
+            kept = [a for a in kept if a.name != "nearest_mode"]
+            kept.append(helper.make_attribute("nearest_mode", "floor"))
+        del node.attribute[:]
+        node.attribute.extend(kept)
 
 
 # --- the batch -------------------------------------------------------------------------------
