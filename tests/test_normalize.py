@@ -40,6 +40,7 @@ def _save(
     input_dims: list[Any],
     output_dims: list[Any],
     elem: int = TensorProto.FLOAT,
+    opset: int = OPSET,
 ) -> Path:
     graph = helper.make_graph(
         nodes,
@@ -48,8 +49,8 @@ def _save(
         [helper.make_tensor_value_info("logits", elem, output_dims)],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset > 9 else 4
     onnx.checker.check_model(model, full_check=True)
     folder.mkdir(parents=True)
     onnx.save(model, str(folder / "model.onnx"))
@@ -214,6 +215,32 @@ def silu_model(folder: Path) -> Path:
     return _save(folder, nodes, _weights(), ["N", 3, SIZE, SIZE], ["N", 3])
 
 
+def upsampling_model(folder: Path, *, old: bool) -> Path:
+    """Conv -> Relu -> 2x nearest upsampling -> MaxPool -> GAP -> Gemm; `old`: opset 9's
+    Upsample, which normalisation converts to a Resize (asymmetric, floor), else that Resize."""
+    if old:
+        upsample = helper.make_node("Upsample", ["relu", "scales"], ["up"], mode="nearest")
+    else:
+        upsample = helper.make_node(
+            "Resize",
+            ["relu", "", "scales"],
+            ["up"],
+            mode="nearest",
+            coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor",
+        )
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        upsample,
+        helper.make_node("MaxPool", ["up"], ["pooled"], kernel_shape=[3, 3], strides=[2, 2]),
+        *_head("pooled"),
+    ]
+    nodes[-1].input.append("fc_b")  # (Gemm's C is optional from opset 11 on)
+    inits = {**_weights(), "scales": np.array([1, 1, 2, 2], np.float32), "fc_b": FC_B}
+    return _save(folder, nodes, inits, ["N", 3, SIZE, SIZE], ["N", 3], opset=9 if old else 17)
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     root = tmp_path_factory.mktemp("normalize")
@@ -225,6 +252,8 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     half_twin(root / "half-twin")
     if_model(root / "if")
     silu_model(root / "silu")
+    upsampling_model(root / "upsample-9", old=True)
+    upsampling_model(root / "resize-17", old=False)
     with make_client(root, max_batch=4) as client:
         yield client
 
@@ -340,6 +369,24 @@ def test_a_fixed_batch_model_answers_concurrent_requests(client: TestClient, nam
         statuses = list(pool.map(call, range(15)))
 
     assert statuses == [200] * 15
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_an_opset_9_model_is_converted_once_for_every_session(
+    client: TestClient, method: str
+) -> None:
+    info = client.get("/v1/models/upsample-9").json()
+    assert "relu" in [layer["name"] for layer in info["layers"]]
+
+    old = _map(
+        _explain(client, "upsample-9", method, params={"layer": "relu"} if "cam" in method else {})
+    )
+    new = _map(
+        _explain(client, "resize-17", method, params={"layer": "relu"} if "cam" in method else {})
+    )
+
+    assert np.abs(new).max() > 0
+    np.testing.assert_allclose(old, new, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
