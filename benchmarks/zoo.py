@@ -103,8 +103,10 @@ def main() -> None:
         rows = []
         for folder in folders:
             child = subprocess.run(
-                [sys.executable, "-m", "benchmarks.zoo", "--one", str(folder)]
-                + ["--threads", str(args.threads), "--repeats", str(args.repeats)],
+                [
+                    *(sys.executable, "-m", "benchmarks.zoo", "--one", str(folder)),
+                    *("--threads", str(args.threads), "--repeats", str(args.repeats)),
+                ],
                 capture_output=True,
                 text=True,
                 cwd=ROOT,

@@ -49,6 +49,7 @@ _FLOAT_TYPES_TO_WIDEN = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 MIN_OPSET = 13
 RESIZE_COORDINATES_OPSET = 11  # Resize's coordinate_transformation_mode, where Upsample ends
 SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), which MaxPool's gradient needs
+RESIZE_AXES_OPSET = 18
 
 
 @dataclass
@@ -87,7 +88,7 @@ def normalize(
         batch = "rewritten" if rewrite_batch else "one_row"
     if batch == "rewritten":
         _make_batch_symbolic(result, input_name)
-    folded = _fold(result)
+    folded = _fold(result, input_name)
     return Normalized(result, batch, folded, widened)
 
 
@@ -171,6 +172,13 @@ def _make_batch_symbolic(model: onnx.ModelProto, input_name: str) -> None:
         value = _initializer_or_constant(shape_name, initializers, constants)
         if value is None or value.ndim != 1 or value.size == 0 or int(value[0]) != 1:
             continue
+        if int(node_attribute(node, "allowzero", 0)):
+            if 0 in value.tolist():
+                continue  # a literal 0 size: leave it, the batch check will tell
+            # No zero in the target: allowzero changes nothing, and 0 must mean "copy" now.
+            kept = [a for a in node.attribute if a.name != "allowzero"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
         new_shape = value.copy()
         new_shape[0] = 0
         new_name = f"{shape_name}/any_batch"
@@ -179,8 +187,6 @@ def _make_batch_symbolic(model: onnx.ModelProto, input_name: str) -> None:
             graph.initializer.append(tensor)
             initializers[new_name] = tensor
         node.input[1] = new_name
-        if int(node_attribute(node, "allowzero", 0)):
-            raise UnsupportedModel(f"Reshape node {node.name!r} sets allowzero")
 
 
 def _initializer_or_constant(
@@ -258,28 +264,56 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
     return [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
 
 
-class _Folder:
-    """Known values of one graph: constants, and shape vectors some of whose entries are known."""
+@dataclass(frozen=True)
+class _BatchIndex:
+    """An integer tensor [N, ...] equal to `scale * n + offset` at batch row n (`offset`: a
+    constant of shape [1, ...]): what dynamo's as_strided writes to index a flattened batch."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    scale: int
+    offset: Array
+
+
+Entry = int | str | None
+"""An entry of a partly known shape vector: a size, BATCH_ENTRY (the input's batch), unknown."""
+BATCH_ENTRY = "batch"
+
+
+class _Folder:
+    """Known values of one graph: constants, and shape vectors some of whose entries are known.
+
+    A shape vector's entry that is the model's batch is kept as BATCH_ENTRY, so that a Reshape
+    to [batch, *static] can become a constant [0, *static] (0: keep the input's first dim).
+    """
+
+    def __init__(self, model: onnx.ModelProto, input_name: str) -> None:
         self.model = model
         graph = model.graph
         self.values: dict[str, Array] = {
             i.name: numpy_helper.to_array(i) for i in graph.initializer
         }
         self.values.update(_constant_node_values(graph))
-        self.partial: dict[str, list[int | None]] = {}
+        self.partial: dict[str, list[Entry]] = {}
+        self.scalars: dict[str, Entry] = {}  # 0-d partial values, e.g. Gather(Shape(x), 0)
+        self.batch_indices: dict[str, _BatchIndex] = {}
+        self.added: list[onnx.TensorProto] = []
+        self.replaced: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> the nodes in its place
+        self.producers = {o: n for n in graph.node for o in n.output if o}
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception as exc:  # shape inference raises for models it finds inconsistent
             raise UnsupportedModel(f"shape inference failed on the model: {exc}") from exc
         self.shapes: dict[str, list[int | None]] = {}
+        self.first_dims: dict[str, str] = {}  # tensor -> the dim_param of its axis 0
         self.elem_types: dict[str, int] = {}
         for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
             self.elem_types[value.name] = value.type.tensor_type.elem_type
             dims = _dims(value)
             if dims is not None:
                 self.shapes[value.name] = dims
+            declared = value.type.tensor_type.shape.dim
+            if declared and declared[0].dim_param:
+                self.first_dims[value.name] = declared[0].dim_param
+        self.batch_param = self.first_dims.get(input_name)
         self.opset = next(
             (o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 13
         )
@@ -290,6 +324,8 @@ class _Folder:
             return None
         if node.op_type == "Shape":
             return self._shape(node)
+        if node.op_type == "Gather" and self._gather_within_rows(node):
+            return None
         if node.op_type == "Size":
             dims = self.shapes.get(node.input[0])
             static = [d for d in dims or [] if d is not None]
@@ -299,8 +335,147 @@ class _Folder:
         inputs = [n for n in node.input if n]
         if all(name in self.values for name in inputs):
             return self._evaluate(node)
-        self._propagate_partial(node)
-        return None
+        if node.op_type == "Reshape":
+            self._keep_batch(node)
+            return None
+        if node.op_type == "Resize":
+            self._resize_without_batch(node)
+            return None
+        if self._track_batch_index(node):
+            return None
+        return self._propagate_partial(node)
+
+    def _track_batch_index(self, node: onnx.NodeProto) -> bool:
+        """Follow Range(0, batch) through Mul/Add/Unsqueeze/Cast; rewrite the Gather that reads
+        a flattened batch with it as a Gather within each row. True if the node was handled."""
+        op, inputs = node.op_type, list(node.input)
+        if op == "Range" and len(inputs) == 3 and self.scalars.get(inputs[1]) == BATCH_ENTRY:
+            start, delta = self.values.get(inputs[0]), self.values.get(inputs[2])
+            if start is None or delta is None or int(start) != 0 or int(delta) != 1:
+                return False
+            self.batch_indices[node.output[0]] = _BatchIndex(1, np.zeros([1], np.int64))
+            return True
+        tracked = [self.batch_indices.get(name) for name in inputs]
+        index = next((t for t in tracked if t is not None), None)
+        if index is None:
+            return False
+        if op in ("Cast", "Identity"):
+            self.batch_indices[node.output[0]] = index
+            return True
+        if op == "Unsqueeze":
+            axes = self.values.get(inputs[1]) if len(inputs) > 1 else None
+            listed = node_attribute(node, "axes", None) if axes is None else axes.reshape(-1)
+            rank = index.offset.ndim + (0 if listed is None else len(listed))
+            if listed is None or any(int(a) % rank == 0 for a in listed):
+                return False
+            offset = np.expand_dims(index.offset, tuple(int(a) % rank for a in listed))
+            self.batch_indices[node.output[0]] = _BatchIndex(index.scale, offset)
+            return True
+        other = [
+            self.values.get(name) for name, t in zip(inputs, tracked, strict=True) if t is None
+        ]
+        if op not in ("Add", "Mul") or len(inputs) != 2 or len(other) != 1 or other[0] is None:
+            return False
+        constant = other[0].astype(np.int64)
+        if op == "Mul":
+            if constant.size != 1:
+                return False
+            factor = int(constant.reshape(-1)[0])
+            result = _BatchIndex(index.scale * factor, index.offset * factor)
+        else:
+            offset = index.offset + constant
+            if offset.ndim != index.offset.ndim or offset.shape[0] != 1:
+                return False
+            result = _BatchIndex(index.scale, offset)
+        self.batch_indices[node.output[0]] = result
+        return True
+
+    def _gather_within_rows(self, node: onnx.NodeProto) -> bool:
+        """Gather(Reshape(x, [-1]), scale * n + offset) with scale = x's row size and every
+        offset inside a row: Gather(Reshape(x, [0, -1]), offset, axis=1), reshaped."""
+        if len(node.input) != 2 or int(node_attribute(node, "axis", 0)) != 0:
+            return False
+        index = self.batch_indices.get(node.input[1])
+        flatten = self.producers.get(node.input[0])
+        if index is None or flatten is None or flatten.op_type != "Reshape":
+            return False
+        target = self.values.get(flatten.input[1]) if len(flatten.input) > 1 else None
+        source = flatten.input[0]
+        dims = self.shapes.get(source)
+        if target is None or target.reshape(-1).tolist() != [-1] or not self._is_batch(source):
+            return False
+        if dims is None or any(d is None for d in dims[1:]):
+            return False
+        row = int(np.prod([d for d in dims[1:] if d is not None]))
+        offsets = index.offset.reshape(-1)
+        if index.scale != row or offsets.min() < 0 or offsets.max() >= row:
+            return False
+        out = node.output[0]
+        rows = self._constant(f"{out}/rows_shape", np.array([0, -1], np.int64))
+        picks = self._constant(f"{out}/row_offsets", offsets.astype(np.int64))
+        shape = self._constant(f"{out}/shape", np.array([0, *index.offset.shape[1:]], np.int64))
+        self.replaced[id(node)] = [
+            helper.make_node("Reshape", [source, rows], [f"{out}/rows"]),
+            helper.make_node("Gather", [f"{out}/rows", picks], [f"{out}/picked"], axis=1),
+            helper.make_node("Reshape", [f"{out}/picked", shape], [out], name=node.name),
+        ]
+        return True
+
+    def _resize_without_batch(self, node: onnx.NodeProto) -> None:
+        """Resize to sizes [batch of x, static...]: the same sizes on the other axes only
+        (Resize's `axes`, opset 18) or, below 18, the scales they mean when those are exact."""
+        sizes = self.partial.get(node.input[3]) if len(node.input) > 3 else None
+        dims = self.shapes.get(node.input[0])
+        if sizes is None or dims is None or node_attribute(node, "axes", None) is not None:
+            return
+        rest = sizes[1:]
+        if sizes[0] != BATCH_ENTRY or not self._is_batch(node.input[0]):
+            return
+        static = [d for d in dims[1:] if d is not None]
+        if len(rest) != len(static) or len(static) != len(dims) - 1:
+            return
+        outputs = [int(d) for d in rest if isinstance(d, int)]
+        if len(outputs) != len(rest):
+            return
+        if self.opset >= RESIZE_AXES_OPSET:
+            name = self._constant(f"{node.input[3]}/without_batch", np.array(outputs, np.int64))
+            node.input[3] = name
+            node.attribute.append(helper.make_attribute("axes", list(range(1, len(dims)))))
+            return
+        scales = np.array([1.0, *(o / i for o, i in zip(outputs, static, strict=True))], np.float32)
+        exact = all(
+            int(np.floor(np.float32(i) * scale)) == o
+            for i, o, scale in zip(static, outputs, scales[1:], strict=True)
+        )
+        if exact:
+            name = self._constant(f"{node.input[3]}/as_scales", scales)
+            del node.input[2:]
+            node.input.append(name)
+
+    def _constant(self, name: str, value: Array) -> str:
+        if name not in self.values:
+            self.values[name] = value
+            self.added.append(numpy_helper.from_array(value, name))
+        return name
+
+    def _is_batch(self, name: str) -> bool:
+        return self.batch_param is not None and self.first_dims.get(name) == self.batch_param
+
+    def _keep_batch(self, node: onnx.NodeProto) -> None:
+        """Reshape(x, [batch of x, static...]) reads its target as the constant [0, static...]."""
+        target = self.partial.get(node.input[1])
+        if target is None or target[0] != BATCH_ENTRY or not self._is_batch(node.input[0]):
+            return
+        rest = target[1:]
+        if not all(isinstance(d, int) for d in rest) or 0 in rest:
+            return  # (a 0 there would copy another dim, not mean a size of 0)
+        # allowzero makes a 0 literal; with no 0 in the target it changed nothing until now.
+        kept = [a for a in node.attribute if a.name != "allowzero"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.input[1] = self._constant(
+            f"{node.input[1]}/keep_batch", np.array([0, *rest], np.int64)
+        )
 
     def _shape(self, node: onnx.NodeProto) -> list[Array] | None:
         dims = self.shapes.get(node.input[0])
@@ -308,13 +483,16 @@ class _Folder:
             return None
         start = int(node_attribute(node, "start", 0))
         end = node_attribute(node, "end", None)
-        picked = dims[start:] if end is None else dims[start : int(end)]
-        if all(d is not None for d in picked):
+        entries: list[Entry] = list(dims)
+        if dims and dims[0] is None and self._is_batch(node.input[0]):
+            entries[0] = BATCH_ENTRY
+        picked = entries[start:] if end is None else entries[start : int(end)]
+        if all(isinstance(d, int) for d in picked):
             return [np.array(picked, np.int64)]
-        self.partial[node.output[0]] = list(picked)
+        self.partial[node.output[0]] = picked
         return None
 
-    def _vector(self, name: str) -> list[int | None] | None:
+    def _vector(self, name: str) -> list[Entry] | None:
         if name in self.partial:
             return self.partial[name]
         value = self.values.get(name)
@@ -322,42 +500,63 @@ class _Folder:
             return [int(v) for v in value.reshape(-1)]
         return None
 
-    def _propagate_partial(self, node: onnx.NodeProto) -> None:
-        """Gather/Slice/Concat/Cast of partly known shape vectors: the known entries carry on."""
+    def _propagate_partial(self, node: onnx.NodeProto) -> list[Array] | None:
+        """Gather/Slice/Concat/Unsqueeze/Cast of partly known shape vectors: the known entries
+        carry on; the outputs if they become fully known."""
         op = node.op_type
         out = node.output[0] if node.output else ""
+        picked: list[Entry] | None = None
         if op == "Gather" and node.input[0] in self.partial:
             indices = self.values.get(node.input[1])
             if indices is None or int(node_attribute(node, "axis", 0)) != 0:
-                return
+                return None
             vector = self.partial[node.input[0]]
             picked = [vector[int(i)] for i in indices.reshape(-1)]
-            if all(v is not None for v in picked):
-                self._set(node, [np.array(picked, np.int64).reshape(indices.shape)])
-            elif indices.ndim == 1:
-                self.partial[out] = picked
+            if indices.ndim == 0:
+                return self._known_scalar(out, picked[0])
+            if indices.ndim != 1:
+                return None
         elif op == "Slice" and node.input[0] in self.partial and len(node.input) >= 3:
             bounds = [self.values.get(n) if n else None for n in node.input[1:5]]
             if any(b is None for b, n in zip(bounds, node.input[1:5], strict=True) if n):
-                return
+                return None
             starts, ends, axes, steps = [*bounds, None, None][:4]
             if axes is not None and axes.reshape(-1).tolist() not in ([0], [-1]):
-                return
+                return None
             if starts is None or ends is None:
-                return
+                return None
             step = 1 if steps is None else int(steps.reshape(-1)[0])
             vector = self.partial[node.input[0]]
             picked = vector[int(starts.reshape(-1)[0]) : int(ends.reshape(-1)[0]) : step]
-            if all(v is not None for v in picked):
-                self._set(node, [np.array(picked, np.int64)])
-            else:
-                self.partial[out] = picked
+        elif op == "Unsqueeze" and node.input[0] in self.scalars:
+            axes = self.values.get(node.input[1]) if len(node.input) > 1 else None
+            listed = node_attribute(node, "axes", None) if axes is None else axes.reshape(-1)
+            if listed is None or [int(a) for a in listed] not in ([0], [-1]):
+                return None
+            picked = [self.scalars[node.input[0]]]
         elif op == "Concat":
             vectors = [self._vector(n) for n in node.input]
-            if all(v is not None for v in vectors):
-                self.partial[out] = [d for v in vectors if v is not None for d in v]
+            if any(v is None for v in vectors):
+                return None
+            picked = [d for v in vectors if v is not None for d in v]
         elif op in ("Cast", "Identity") and node.input[0] in self.partial:
-            self.partial[out] = self.partial[node.input[0]]
+            picked = self.partial[node.input[0]]
+        elif op in ("Cast", "Identity", "Squeeze") and node.input[0] in self.scalars:
+            return self._known_scalar(out, self.scalars[node.input[0]])
+        elif op == "Squeeze" and len(self.partial.get(node.input[0], [])) == 1:
+            return self._known_scalar(out, self.partial[node.input[0]][0])
+        if picked is None:
+            return None
+        if all(isinstance(d, int) for d in picked):
+            return [np.array(picked, np.int64)]
+        self.partial[out] = picked
+        return None
+
+    def _known_scalar(self, name: str, entry: Entry) -> list[Array] | None:
+        if isinstance(entry, int):
+            return [np.array(entry, np.int64)]
+        self.scalars[name] = entry
+        return None
 
     def _set(self, node: onnx.NodeProto, outputs: Sequence[Array]) -> None:
         for name, value in zip(node.output, outputs, strict=False):
@@ -390,20 +589,23 @@ class _Folder:
         return arrays
 
 
-def _fold(model: onnx.ModelProto, passes: int = 4) -> int:
-    """Fold constants in place until nothing changes; return how many nodes went."""
+def _fold(model: onnx.ModelProto, input_name: str, passes: int = 64) -> int:
+    """Fold constants in place until nothing changes; return how many nodes went.
+
+    Each pass folds what one shape inference tells; a Reshape folded in one pass can make the
+    shapes after it static for the next (channel shuffles chain dozens of them)."""
     total = 0
     for _ in range(passes):
-        removed = _fold_once(model)
+        removed = _fold_once(model, input_name)
         total += removed
         if not removed:
             break
     return total
 
 
-def _fold_once(model: onnx.ModelProto) -> int:
+def _fold_once(model: onnx.ModelProto, input_name: str) -> int:
     graph = model.graph
-    folder = _Folder(model)
+    folder = _Folder(model, input_name)
     protected = {o.name for o in graph.output} | {
         name for node in graph.node for name in subgraph_reads(node)
     }
@@ -426,6 +628,10 @@ def _fold_once(model: onnx.ModelProto) -> int:
             removed += 1
             continue
         values = folder.fold(node)
+        if id(node) in folder.replaced:
+            kept.extend(folder.replaced[id(node)])
+            removed += 1
+            continue
         if values is None:
             kept.append(node)
             continue
@@ -436,8 +642,8 @@ def _fold_once(model: onnx.ModelProto) -> int:
         removed += 1
     del graph.node[:]
     graph.node.extend(kept)
-    graph.initializer.extend(new_initializers)
-    _drop_unread(graph)
+    graph.initializer.extend([*new_initializers, *folder.added])
+    removed += _drop_unread(graph)
     del graph.value_info[:]
     return removed
 
@@ -456,8 +662,9 @@ def _is_identity(node: onnx.NodeProto, folder: _Folder) -> bool:
     return False
 
 
-def _drop_unread(graph: onnx.GraphProto) -> None:
-    """Remove nodes and initializers nothing reads (subgraphs' outer reads included)."""
+def _drop_unread(graph: onnx.GraphProto) -> int:
+    """Remove nodes and initializers nothing reads (subgraphs' outer reads included); return
+    how many nodes went."""
     needed = {o.name for o in graph.output}
     live: list[onnx.NodeProto] = []
     for node in reversed(graph.node):
@@ -466,8 +673,10 @@ def _drop_unread(graph: onnx.GraphProto) -> None:
             needed.update(i for i in node.input if i)
             needed.update(subgraph_reads(node))
     live.reverse()
+    dropped = len(graph.node) - len(live)
     del graph.node[:]
     graph.node.extend(live)
     kept = [i for i in graph.initializer if i.name in needed]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+    return dropped
