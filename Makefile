@@ -10,8 +10,13 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DEFAULT_MODEL := $(MODELS)/efficientnet-lite0/model.onnx
 CHROMIUM ?= /usr/bin/chromium
+# The model-zoo test (tests/test_model_zoo.py) exports real CNNs with torch, timm, torchvision
+# and keras in a venv of its own: none of them ever enters the service's .venv.
+ZOO_VENV := .venv-zoo
+ZOO_BIN := $(ZOO_VENV)/bin
+ZOO_REQUIREMENTS := tests/zoo/requirements.txt
 
-.PHONY: serve test lint typecheck unit browser model clean
+.PHONY: serve test lint typecheck unit browser model clean $(ZOO_VENV)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,10 +60,21 @@ browser:
 	  { $$apt update -qq && $$apt install -y -qq chromium; } || \
 	  echo "make: could not install chromium with apt-get: the browser tests will be skipped"
 
-unit: $(VENV)/.installed-dev browser
-	$(BIN)/pytest
+# Every version is pinned in $(ZOO_REQUIREMENTS), dependencies included, and installed with
+# --no-deps: torch is the CPU wheel (2.13.0+cpu; asking for plain `torch` pulls a multi-GB
+# CUDA build), and torchvision's own torch requirement must not replace it.
+$(ZOO_VENV)/.installed: $(ZOO_REQUIREMENTS)
+	$(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_BIN)/python -m pip install --quiet --upgrade pip
+	$(ZOO_BIN)/pip install --quiet --no-deps -r $(ZOO_REQUIREMENTS)
+	touch $@
+
+$(ZOO_VENV): $(ZOO_VENV)/.installed
+
+unit: $(VENV)/.installed-dev browser $(ZOO_VENV)
+	ONNX_EXPLAIN_ZOO_PYTHON=$(abspath $(ZOO_BIN)/python) $(BIN)/pytest
 
 test: lint typecheck unit
 
 clean:
-	rm -rf $(VENV) $(MODELS) cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(ZOO_VENV) $(MODELS) cache .mypy_cache .ruff_cache .pytest_cache
