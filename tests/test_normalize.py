@@ -241,6 +241,57 @@ def upsampling_model(folder: Path, *, old: bool) -> Path:
     return _save(folder, nodes, inits, ["N", 3, SIZE, SIZE], ["N", 3], opset=9 if old else 17)
 
 
+def batch_shaped_model(folder: Path, *, exported: bool) -> Path:
+    """Conv -> Relu -> 2x Resize -> channel means through the flattened batch -> Gemm.
+
+    `exported` writes it the way torch does: the Resize's sizes are Concat(Shape(x)[:2], [h, w])
+    and the channel means are read back with dynamo's as_strided, a Gather over the flattened
+    batch at n * C + c. The twin says sizes as scales and pools with GlobalAveragePool.
+    """
+    channels = 4
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+    ]
+    inits: dict[str, Array] = {**_weights()}
+    if exported:
+        nodes += [
+            helper.make_node("Shape", ["relu"], ["relu_shape"]),
+            helper.make_node("Slice", ["relu_shape", "zero1", "two1"], ["batch_channels"]),
+            helper.make_node("Concat", ["batch_channels", "hw"], ["sizes"], axis=0),
+            helper.make_node("Resize", ["relu", "", "", "sizes"], ["up"], mode="linear"),
+            helper.make_node("GlobalAveragePool", ["up"], ["pool"]),
+            helper.make_node("Reshape", ["pool", "minus_one"], ["flat_all"]),
+            helper.make_node("Shape", ["x"], ["x_shape"], end=1),
+            helper.make_node("Squeeze", ["x_shape"], ["batch"]),
+            helper.make_node("Range", ["zero", "batch", "one"], ["rows"]),
+            helper.make_node("Mul", ["rows", "row_size"], ["row_starts"]),
+            helper.make_node("Unsqueeze", ["row_starts", "axis1"], ["row_starts2"]),
+            helper.make_node("Add", ["row_starts2", "channel_ids"], ["positions"]),
+            helper.make_node("Gather", ["flat_all", "positions"], ["flat"], axis=0),
+        ]
+        inits.update(
+            zero1=np.array([0], np.int64),
+            two1=np.array([2], np.int64),
+            hw=np.array([2 * SIZE, 2 * SIZE], np.int64),
+            minus_one=np.array([-1], np.int64),
+            zero=np.array(0, np.int64),
+            one=np.array(1, np.int64),
+            row_size=np.array(channels, np.int64),
+            axis1=np.array([1], np.int64),
+            channel_ids=np.arange(channels, dtype=np.int64)[None],
+        )
+    else:
+        nodes += [
+            helper.make_node("Resize", ["relu", "", "scales"], ["up"], mode="linear"),
+            helper.make_node("GlobalAveragePool", ["up"], ["pool"]),
+            helper.make_node("Flatten", ["pool"], ["flat"]),
+        ]
+        inits["scales"] = np.array([1, 1, 2, 2], np.float32)
+    nodes.append(helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1))
+    return _save(folder, nodes, inits, ["N", 3, SIZE, SIZE], ["N", 3], opset=OPSET)
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     root = tmp_path_factory.mktemp("normalize")
@@ -254,6 +305,8 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     silu_model(root / "silu")
     upsampling_model(root / "upsample-9", old=True)
     upsampling_model(root / "resize-17", old=False)
+    batch_shaped_model(root / "batch-shaped", exported=True)
+    batch_shaped_model(root / "batch-shaped-twin", exported=False)
     with make_client(root, max_batch=4) as client:
         yield client
 
@@ -289,6 +342,16 @@ def _map(answer: dict[str, Any]) -> Array:
 GRADIENT_METHODS = ["saliency", "gradcam", "guided_backprop", "integrated_gradients"]
 
 
+@pytest.mark.parametrize("method", [*GRADIENT_METHODS, "smoothgrad", "occlusion"])
+def test_batch_shaped_exports_explain_like_their_twin(client: TestClient, method: str) -> None:
+    params = {"samples": 4, "seed": 2} if method == "smoothgrad" else {}
+    served = _map(_explain(client, "batch-shaped", method, params=params))
+    twin = _map(_explain(client, "batch-shaped-twin", method, params=params))
+
+    assert np.abs(twin).max() > 0
+    np.testing.assert_allclose(served, twin, rtol=1e-5, atol=1e-6)
+
+
 # --- normalisation on its own ----------------------------------------------------------------
 
 
@@ -310,6 +373,21 @@ def test_free_dims_are_fixed_and_shape_arithmetic_is_folded(tmp_path: Path) -> N
     dims = normalized.model.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["N", 3, SIZE, SIZE]
     assert normalized.batch == "free"
+
+
+def test_shapes_computed_from_the_batch_become_batch_free(tmp_path: Path) -> None:
+    model = onnx.load(str(batch_shaped_model(tmp_path / "m", exported=True) / "model.onnx"))
+
+    normalized = normalize(model, "x", {2: SIZE, 3: SIZE}).model
+
+    ops = [n.op_type for n in normalized.graph.node]
+    assert "Shape" not in ops
+    assert "Range" not in ops
+    resize = next(n for n in normalized.graph.node if n.op_type == "Resize")
+    scales = next(i for i in normalized.graph.initializer if i.name == resize.input[2])
+    assert numpy_helper.to_array(scales).tolist() == [1, 1, 2, 2]  # (opset 17: no Resize axes)
+    gather = next(n for n in normalized.graph.node if n.op_type == "Gather")
+    assert [a.i for a in gather.attribute if a.name == "axis"] == [1]
 
 
 # --- through the service ---------------------------------------------------------------------

@@ -313,10 +313,39 @@ class _Folder:
             declared = value.type.tensor_type.shape.dim
             if declared and declared[0].dim_param:
                 self.first_dims[value.name] = declared[0].dim_param
-        self.batch_param = self.first_dims.get(input_name)
         self.opset = next(
             (o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 13
         )
+        self.batch_param = self.first_dims.get(input_name)
+        renames = self._resampled_batches(graph)
+        self.first_dims = {k: renames.get(v, v) for k, v in self.first_dims.items()}
+        self.value_info = [copy.deepcopy(v) for v in inferred.graph.value_info]
+        for value in self.value_info:
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].dim_param in renames:
+                dims[0].dim_param = renames[dims[0].dim_param]
+
+    def _resampled_batches(self, graph: onnx.GraphProto) -> dict[str, str]:
+        """Fresh symbols shape inference gives the batch after a Resize/Upsample that keeps it
+        (scale 1 on axis 0, or sizes for the other axes only), mapped to the input's symbol."""
+        renames: dict[str, str] = {}
+        for node in graph.node:
+            if node.op_type not in ("Resize", "Upsample") or not node.output:
+                continue
+            source = self.first_dims.get(node.input[0])
+            result = self.first_dims.get(node.output[0])
+            if source is None or result is None or source == result:
+                continue
+            scales_input = 1 if node.op_type == "Upsample" else 2
+            scales = self.values.get(node.input[scales_input]) if len(node.input) > 2 else None
+            axes = node_attribute(node, "axes", None)
+            if node.op_type == "Upsample" and len(node.input) > 1:
+                scales = self.values.get(node.input[1])
+            keeps = scales is not None and scales.size and float(scales.reshape(-1)[0]) == 1.0
+            keeps = keeps or (axes is not None and 0 not in [int(a) for a in axes])
+            if keeps:
+                renames[result] = renames.get(source, source)
+        return renames
 
     def fold(self, node: onnx.NodeProto) -> list[Array] | None:
         """The node's outputs if they are known constants, else None (partial values noted)."""
@@ -600,6 +629,9 @@ def _fold(model: onnx.ModelProto, input_name: str, passes: int = 64) -> int:
         total += removed
         if not removed:
             break
+    # Declare the shapes, with the batch's symbol carried through resamplings, so that every
+    # later shape inference (layers, gradient rules) sees one batch.
+    model.graph.value_info.extend(_Folder(model, input_name).value_info)
     return total
 
 
