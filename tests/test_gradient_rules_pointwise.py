@@ -23,6 +23,7 @@ from tests.test_gradients import (
     Case,
     _array,
     assert_close,
+    check_input_gradient,
     classifier,
     ints,
     node,
@@ -232,14 +233,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_input_gradient_matches_finite_differences(case: Case) -> None:
-    model = classifier(case)
-    x = _array(BATCH, *case.shape, seed=7, scale=case.scale)
-    seeds = _array(BATCH, CLASSES, seed=8)
-    outputs = run_gradients(model, GradientSpec("logits", wrt_input=True), x, seeds)
-    assert outputs["grad_input"].shape == x.shape
-    assert_close(
-        outputs["grad_input"], numeric_gradient(classifier(case.for_reference()), x, seeds)
-    )
+    check_input_gradient(case)
 
 
 ONE_IMAGE = [

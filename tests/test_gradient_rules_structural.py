@@ -22,6 +22,7 @@ from tests.test_gradients import (
     Case,
     _array,
     assert_close,
+    check_input_gradient,
     classifier,
     ints,
     node,
@@ -404,13 +405,7 @@ BY_NAME = {case.name: case for case in CASES}
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_input_gradient_matches_finite_differences(case: Case) -> None:
-    model = classifier(case)
-    x = _array(BATCH, *case.shape, seed=7, scale=case.scale)
-    seeds = _array(BATCH, CLASSES, seed=8)
-    outputs = run_gradients(model, GradientSpec("logits", wrt_input=True), x, seeds)
-    assert outputs["grad_input"].shape == x.shape
-    expected = numeric_gradient(classifier(case.for_reference()), x, seeds)
-    assert_close(outputs["grad_input"], expected)
+    check_input_gradient(case)
 
 
 ONE_IMAGE = [

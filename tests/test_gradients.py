@@ -504,8 +504,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_input_gradient_matches_finite_differences(case: Case) -> None:
+def check_input_gradient(case: Case) -> None:
+    """The gradient graph's input gradient equals central differences of the case's graph."""
     model = classifier(case)
     x = _array(BATCH, *case.shape, seed=7, scale=case.scale)
     seeds = _array(BATCH, CLASSES, seed=8)
@@ -514,6 +514,11 @@ def test_input_gradient_matches_finite_differences(case: Case) -> None:
     assert outputs["grad_input"].shape == x.shape
     expected = numeric_gradient(classifier(case.for_reference()), x, seeds)
     assert_close(outputs["grad_input"], expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_input_gradient_matches_finite_differences(case: Case) -> None:
+    check_input_gradient(case)
 
 
 # --- layer gradients, seeds and batches -------------------------------------------------------

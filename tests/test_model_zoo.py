@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from engines.images import preprocess
+from engines.methods import EXPLAINERS
 from schemas.model_config import ModelConfig
 from tests.images import encode
 from tests.servers import free_port, wait_until_ready
@@ -70,16 +71,7 @@ EXPORTS = [
     "keras-mobilenet_v2",
 ]
 CAM_FAMILY = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "guided_gradcam"]
-METHODS = [
-    *CAM_FAMILY,
-    "saliency",
-    "guided_backprop",
-    "smoothgrad",
-    "integrated_gradients",
-    "gradient_x_input",
-    "cam",
-    "occlusion",
-]
+METHODS = list(EXPLAINERS)  # every method the service offers needs a torch reference here
 ARRAY_OUTPUT = {"format": "array", "normalize": "none", "size": "model"}
 
 
