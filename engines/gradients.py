@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from engines.batcher import BatchPolicy, MicroBatcher
-from engines.errors import InvalidParameters
+from engines.errors import InvalidModel, InvalidParameters, UnsupportedModel
 from engines.graphs import GradientSpec, build_gradient_model
 from engines.graphs.context import node_attribute
 from engines.runtime import ModelSession, RuntimeOptions
@@ -313,7 +313,12 @@ class GradientGraphs:
         with self._lock:
             found = self._sessions.get(key)
             if found is None:
-                found = ModelSession(self._locate_or_build(key), self.options)
+                try:
+                    found = ModelSession(self._locate_or_build(key), self.options)
+                except InvalidModel as exc:  # the model loaded; it is this graph that cannot
+                    raise UnsupportedModel(
+                        f"onnxruntime cannot run this model's gradient graph: {exc.message}"
+                    ) from exc
                 self._sessions[key] = found
             return found
 

@@ -208,6 +208,25 @@ IMAGE = (3, 7, 7)
 CONV = {"conv/w": w(4, 3, 3, 3)}
 RELU6 = {"lo": scalar(0.0), "hi": scalar(6.0)}
 
+MAX_POOL_CASES = [
+    Case("max_pool_2x2", (3, 6, 6), (node("MaxPool", ["x"], kernel_shape=[2, 2], strides=[2, 2]),)),
+    Case(
+        "max_pool_overlapping",
+        IMAGE,
+        (node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),),
+    ),
+    Case(
+        "max_pool_ceil",
+        (3, 6, 6),
+        (node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),),
+    ),
+    Case(
+        "max_pool_with_indices",
+        IMAGE,
+        (helper.make_node("MaxPool", ["x"], ["h", "idx"], kernel_shape=[3, 3], strides=[1, 1]),),
+    ),
+]
+
 CASES = [
     # Conv: pads, strides with a remainder, groups, dilations, auto_pad, 1-D, computed kernels
     Case(
@@ -418,22 +437,7 @@ CASES = [
             "bn/v": np.abs(w(3, seed=4)) + 0.5,
         },
     ),
-    Case("max_pool_2x2", (3, 6, 6), (node("MaxPool", ["x"], kernel_shape=[2, 2], strides=[2, 2]),)),
-    Case(
-        "max_pool_overlapping",
-        IMAGE,
-        (node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),),
-    ),
-    Case(
-        "max_pool_ceil",
-        (3, 6, 6),
-        (node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),),
-    ),
-    Case(
-        "max_pool_with_indices",
-        IMAGE,
-        (helper.make_node("MaxPool", ["x"], ["h", "idx"], kernel_shape=[3, 3], strides=[1, 1]),),
-    ),
+    *MAX_POOL_CASES,
     Case(
         "average_pool_include_pad",
         IMAGE,
@@ -462,6 +466,26 @@ CASES = [
         "average_pool_ceil",
         (3, 6, 6),
         (node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),),
+    ),
+    # from opset 18 MaxPool's gradient takes the windows' taps and Col2Im instead of Indices
+    *(
+        Case(f"{case.name}_opset18", case.shape, case.nodes, case.weights, opset=18)
+        for case in MAX_POOL_CASES
+    ),
+    Case(
+        "max_pool_dilated_asymmetric_opset18",
+        (3, 9, 8),
+        (
+            node(
+                "MaxPool",
+                ["x"],
+                kernel_shape=[2, 3],
+                strides=[2, 1],
+                dilations=[2, 1],
+                pads=[1, 0, 0, 2],
+            ),
+        ),
+        opset=18,
     ),
     Case("global_average_pool", IMAGE, (node("GlobalAveragePool", ["x"]),)),
     # shape ops
@@ -765,6 +789,21 @@ def test_a_clip_whose_value_is_returned_keeps_its_bounds() -> None:
     assert_close(outputs["activation"], tensor_value(model, "a1", x))
     assert_close(outputs["grad_layer"], numeric_gradient(model, x, seeds, "a1"))
     assert_close(outputs["grad_input"], numeric_gradient(model, x, seeds))
+
+
+@pytest.mark.parametrize("case", MAX_POOL_CASES[:3], ids=str)
+def test_max_pool_ties_go_to_the_first_maximum_as_indices_say(case: Case) -> None:
+    """On integer inputs most windows tie; both rules give each window's gradient to its
+    first maximum (MaxPool's Indices below opset 18, the taps and Col2Im from 18)."""
+    x = np.round(_array(BATCH, *case.shape, seed=3, scale=1.5))
+    seeds = _array(BATCH, CLASSES, seed=4)
+    spec = GradientSpec("logits", wrt_input=True)
+    by_indices = run_gradients(classifier(case), spec, x, seeds)["grad_input"]
+    newer = Case(case.name, case.shape, case.nodes, case.weights, opset=18)
+    by_taps = run_gradients(classifier(newer), spec, x, seeds)["grad_input"]
+
+    assert np.count_nonzero(by_taps) < x.size  # ties: windows share their maxima
+    np.testing.assert_allclose(by_taps, by_indices, rtol=1e-6, atol=1e-7)
 
 
 def test_backward_stops_at_the_layer() -> None:
