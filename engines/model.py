@@ -2,6 +2,7 @@
 
 import hashlib
 import itertools
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import onnx
 from pydantic import ValidationError
 
 from engines.batcher import BatchPolicy, MicroBatcher
-from engines.errors import InferenceFailed, InvalidModel, InvalidParameters, UnsupportedModel
+from engines.errors import EngineError, InferenceFailed, InvalidModel, InvalidParameters
 from engines.gradients import GradientGraphs
 from engines.graphs.normalize import Normalized, normalize
 from engines.images import preprocess
@@ -22,6 +23,8 @@ from schemas.model_config import ModelConfig
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,11 @@ def _first_output(model: onnx.ModelProto) -> str:
     return str(model.graph.output[0].name)
 
 
+def _batch_of_one(model: onnx.ModelProto) -> bool:
+    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
+    return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
+
+
 def _batch_rewrite_holds(
     rewritten: onnx.ModelProto, original_path: Path, input_name: str, output_name: str
 ) -> bool:
@@ -132,18 +140,25 @@ class LoadedModel:
             raise InvalidModel(f"{MODEL_FILE} is not a valid ONNX file") from exc
         self.input_name = self.config.input.name or _first_input(original)
         self.output_name = self.config.output_name or _first_output(original)
+        self.normalization_failure: str | None = None
+        """Why the model is served as exported, if normalising it failed."""
         try:
             normalized = self._normalized(original, model_path)
-        except UnsupportedModel as exc:
-            raise InvalidModel(str(exc)) from exc
+            graph_bytes = normalized.model.SerializeToString()
+            self.session = ModelSession(graph_bytes, options)
+        except Exception as exc:  # a model that ran as exported must not be lost to a rewrite
+            reason = exc.message if isinstance(exc, EngineError) else type(exc).__name__
+            log.warning("model %s is served as exported: normalising it failed: %s", name, reason)
+            self.normalization_failure = reason
+            normalized = Normalized(original, "one_row" if _batch_of_one(original) else "free")
+            graph_bytes = original.SerializeToString()
+            self.session = ModelSession(graph_bytes, options)
         self.graph: onnx.ModelProto = normalized.model
         """The normalised model (engines.graphs.normalize) that every session runs."""
         self.batch_mode = normalized.batch
         self.widened_to_float32 = normalized.widened
-        graph_bytes = self.graph.SerializeToString()
         self.graph_sha256 = hashlib.sha256(graph_bytes).hexdigest()
         self.layers: list[LayerInfo] = spatial_layers(self.graph, self.config.input)
-        self.session = ModelSession(graph_bytes, options)
         if self.input_name not in self.session.input_names:
             raise InvalidModel(f"config names input {self.input_name!r}, the model has none")
         if self.output_name not in self.session.output_names:

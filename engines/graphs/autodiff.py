@@ -7,6 +7,7 @@ output[n, j]) / d tensor, with n = m when the batch N equals M, or n = 0 when N 
 broadcast forward tensors [1, ...] against gradients [M, ...], so M seeds cost one forward).
 """
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.errors import InvalidParameters, NoReluLikeOp, UnsupportedModel
+from engines.errors import EngineError, InvalidParameters, NoReluLikeOp, UnsupportedModel
 from engines.graphs.centring import centre_clips
 from engines.graphs.context import (
     DEFAULT_DOMAINS,
@@ -27,6 +28,8 @@ from engines.graphs.context import (
 )
 from engines.graphs.derivatives import RULES
 from engines.graphs.normalize import at_gradient_opset, opset_of
+
+log = logging.getLogger(__name__)
 
 SEED = "seed"
 ACTIVATION = "activation"
@@ -334,7 +337,14 @@ def _backward(
             raise UnsupportedModel(f"cannot differentiate {node.op_type} node {label!r}")
         needs = [i in active for i in node.input]
         ctx = NodeGrad(node, grads, needs, emit, info, guided)
-        for name, grad in zip(node.input, rule(ctx), strict=True):
+        try:
+            input_grads = rule(ctx)
+        except EngineError:
+            raise
+        except Exception as exc:  # a rule meeting a form it was not written for
+            log.warning("the %s rule failed on node %r", node.op_type, ctx.label, exc_info=True)
+            raise ctx.fail(f"its form is not supported ({type(exc).__name__})") from exc
+        for name, grad in zip(node.input, input_grads, strict=True):
             if grad is not None and name in active:
                 contributions.setdefault(name, []).append(grad)
     result = {}
