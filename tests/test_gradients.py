@@ -283,6 +283,31 @@ CASES = [
         (node("Conv", ["x", "k1/w"], pads=[2, 0, 0, 2]),),
         {"k1/w": w(2, 3, 1, 1)},
     ),
+    # strided kernels of at least stride + 2 go by phases (a stride-1 Conv and DepthToSpace)
+    Case(
+        "conv_7x7_stride2_phases",
+        (3, 15, 14),
+        (node("Conv", ["x", "k7/w", "k7/b"], strides=[2, 2], pads=[3, 3, 3, 3]),),
+        {"k7/w": w(5, 3, 7, 7, scale=0.2), "k7/b": w(5)},
+    ),
+    Case(
+        "conv_5x4_stride2_asymmetric_pads_phases",
+        (2, 11, 12),
+        (node("Conv", ["x", "k54/w"], strides=[2, 2], pads=[1, 2, 2, 0]),),
+        {"k54/w": w(4, 2, 5, 4, scale=0.3)},
+    ),
+    Case(
+        "conv_5x5_stride3_phases",
+        (2, 13, 14),
+        (node("Conv", ["x", "k5/w"], strides=[3, 3], pads=[2, 2, 1, 0]),),
+        {"k5/w": w(3, 2, 5, 5, scale=0.3)},
+    ),
+    Case(
+        "conv_same_upper_7x7_phases",
+        (3, 9, 10),
+        (node("Conv", ["x", "k7/w"], strides=[2, 2], auto_pad="SAME_UPPER"),),
+        {"k7/w": w(5, 3, 7, 7, scale=0.2)},
+    ),
     Case(
         "conv_1x1_stride2",
         IMAGE,
