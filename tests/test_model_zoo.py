@@ -61,8 +61,10 @@ _TORCH_ARCHS = [
     "timm-convnext_atto",
     "upsample-cnn",
 ]
+_DYNAMO_ONLY = ["timm-efficientnet_b0", "timm-mixnet_s", "timm-resnest14d"]
 EXPORTS = [
     *(f"{arch}-{exporter}" for arch in _TORCH_ARCHS for exporter in ("dynamo", "torchscript")),
+    *(f"{arch}-dynamo" for arch in _DYNAMO_ONLY),
     "plain-cnn-torchscript-fixed-batch",
     "plain-cnn-torchscript-free-hw",
     "timm-resnet10t-dynamo-fixed-batch",

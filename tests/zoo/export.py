@@ -220,13 +220,17 @@ class UpsampleCnn(nn.Module):  # type: ignore[misc]
         return out
 
 
-def _timm(name: str, **kwargs: Any) -> Arch:
+def _timm(
+    name: str, *, cam: bool = False, exports: tuple[str, ...] = ("dynamo", "torchscript")
+) -> Arch:
+    """`cam`: the head is global average pooling + the classifier (classic CAM applies)."""
     return Arch(
         name=f"timm-{name}",
-        build=lambda: timm.create_model(name, num_classes=CLASSES, **kwargs),
+        build=lambda: timm.create_model(name, num_classes=CLASSES),
         features=lambda m, x: m.forward_features(x),
         head=lambda m, f: m.forward_head(f),
-        cam_weight=lambda m: m.get_classifier().weight if name.startswith("resnet") else None,
+        cam_weight=lambda m: m.get_classifier().weight if cam else None,
+        exports=exports,
     )
 
 
@@ -299,7 +303,7 @@ def torch_archs() -> list[Arch]:
             _pool_linear(lambda m: m.fc),
             cam_weight=lambda m: m.fc.weight,
         ),
-        _timm("resnet10t"),
+        _timm("resnet10t", cam=True),
         _tv_features(
             "mobilenet_v2", lambda: models.mobilenet_v2(num_classes=CLASSES), "classifier.1"
         ),
@@ -342,6 +346,12 @@ def torch_archs() -> list[Arch]:
             cam_weight=lambda m: m.fc.weight,
         ),
         _timm("convnext_atto"),
+        # The architectures the issue found failing, with the default exporter only (time):
+        # SiLU and squeeze-excitation (ReduceMean), Split into mixed kernels, split attention
+        # (ReduceSum, Softmax over radix groups).
+        _timm("efficientnet_b0", cam=True, exports=("dynamo",)),
+        _timm("mixnet_s", cam=True, exports=("dynamo",)),
+        _timm("resnest14d", cam=True, exports=("dynamo",)),
         Arch(
             "upsample-cnn",
             UpsampleCnn,
