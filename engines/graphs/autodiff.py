@@ -87,7 +87,9 @@ def build_gradient_model(model: onnx.ModelProto, spec: GradientSpec) -> onnx.Mod
     if spec.guided:
         _check_guided(graph, active)
     centre_clips(graph, info, emit, active, {spec.output, data_input, *sources})
-    totals = _backward(graph, spec.output, spec.guided, active, info, emit, sorted(sources))
+    totals, gradients = _backward(
+        graph, spec.output, spec.guided, active, info, emit, sorted(sources)
+    )
 
     outputs = [_value_info(spec.output, info.shapes[spec.output])]
     if layer is not None:
@@ -98,7 +100,30 @@ def build_gradient_model(model: onnx.ModelProto, spec: GradientSpec) -> onnx.Mod
     if spec.wrt_input:
         emit.nodes.append(_identity(emit, totals[data_input], GRAD_INPUT))
         outputs.append(_batched(GRAD_INPUT, info, data_input, batch))
-    return _assemble(model, data_input, emit, outputs, _seed_info(info, spec.output, batch))
+    declared = _gradient_shapes(gradients, info, batch)
+    seed = _seed_info(info, spec.output, batch)
+    return _assemble(model, data_input, emit, outputs, seed, declared)
+
+
+def _gradient_shapes(
+    gradients: dict[str, set[str]], info: GraphInfo, batch: int | str
+) -> list[onnx.ValueInfoProto]:
+    """`gradients`: gradient tensor -> the forward tensors it is (a part of) the gradient of."""
+    """Each gradient's shape: its tensor's, on the gradient batch.
+
+    Shape inference loses the batch's symbol at some ops (Col2Im, Expand of a broadcast,
+    Reshape to -1), and from there on onnxruntime cannot prove a gradient and its forward
+    tensor the same shape, which costs two layout reorders at every activation.
+    """
+    declared = []
+    for gradient, tensors in gradients.items():
+        shapes = {info.shapes.get(t, ())[1:] for t in tensors}
+        if gradient == SEED or len(shapes) != 1:
+            continue
+        (shape,) = shapes
+        if shape and all(isinstance(d, int) for d in shape):
+            declared.append(_value_info(gradient, [batch, *shape]))
+    return declared
 
 
 def _input_batch_dim(graph: onnx.GraphProto, info: GraphInfo, data_input: str) -> int | str:
@@ -314,8 +339,9 @@ def _backward(
     info: GraphInfo,
     emit: Emitter,
     targets: Sequence[str],
-) -> dict[str, str]:
-    """Emit the backward nodes; return the total gradient of each target."""
+) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """Emit the backward nodes; return the total gradient of each target, and the forward
+    tensor of every gradient emitted (each part of a sum included)."""
     contributions: dict[str, list[str]] = {output: [SEED]}
     totals: dict[str, str] = {}
 
@@ -353,7 +379,13 @@ def _backward(
         if grad is None:
             raise UnsupportedModel(f"output {output!r} does not depend on {name!r}")
         result[name] = grad
-    return result
+    every: dict[str, set[str]] = {}
+    for name, parts in contributions.items():
+        for part in parts:
+            every.setdefault(part, set()).add(name)
+    for name, grad in totals.items():
+        every.setdefault(grad, set()).add(name)
+    return result, every
 
 
 # --- assembly --------------------------------------------------------------------------------
@@ -394,6 +426,7 @@ def _assemble(
     emit: Emitter,
     outputs: list[onnx.ValueInfoProto],
     seed: onnx.ValueInfoProto,
+    declared: Sequence[onnx.ValueInfoProto] = (),
 ) -> onnx.ModelProto:
     graph = model.graph
     nodes = _live_nodes([*graph.node, *emit.nodes], [o.name for o in outputs])
@@ -401,7 +434,12 @@ def _assemble(
     initializers = [i for i in [*graph.initializer, *emit.initializers] if i.name in used]
     inputs = [i for i in graph.input if i.name == data_input] + [seed]
     produced = {o for n in nodes for o in n.output}
-    value_info = [v for v in graph.value_info if v.name in produced]
+    output_names = {o.name for o in outputs}
+    value_info = [
+        v
+        for v in [*graph.value_info, *declared]
+        if v.name in produced and v.name not in output_names
+    ]
     new_graph = helper.make_graph(
         nodes, f"{graph.name}-gradients", inputs, outputs, initializers, value_info=value_info
     )

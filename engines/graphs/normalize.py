@@ -491,8 +491,17 @@ class _Folder:
         return self.batch_param is not None and self.first_dims.get(name) == self.batch_param
 
     def _keep_batch(self, node: onnx.NodeProto) -> None:
-        """Reshape(x, [batch of x, static...]) reads its target as the constant [0, static...]."""
+        """Reshape(x, [batch of x, static...]) reads its target as the constant [0, static...].
+
+        So does a constant [-1, static...] whose static part is x's row size: shape inference
+        then carries the batch's symbol through it (a -1 gets a fresh one), and so can
+        onnxruntime, which keeps the gradients in its blocked layout only when it can prove
+        their shapes equal the forward's (saliency on a dynamo MobileNetV2: 10.9 -> ~8.3 ms).
+        """
         target = self.partial.get(node.input[1])
+        if target is None:
+            constant = self.values.get(node.input[1])
+            target = _row_reshape(constant, self.shapes.get(node.input[0]))
         if target is None or target[0] != BATCH_ENTRY or not self._is_batch(node.input[0]):
             return
         rest = target[1:]
@@ -616,6 +625,18 @@ class _Folder:
         if any(a.size > _MAX_FOLDED_ELEMENTS for a in arrays):
             return None
         return arrays
+
+
+def _row_reshape(target: Array | None, dims: list[int | None] | None) -> list[Entry] | None:
+    """[BATCH_ENTRY, static...] for a constant Reshape target [-1, static...] whose static
+    part holds exactly one row of a [batch, static...] input."""
+    if target is None or target.ndim != 1 or target.size < 2 or int(target[0]) != -1:
+        return None
+    rest = [int(d) for d in target[1:]]
+    if dims is None or any(d is None for d in dims[1:]) or min(rest) <= 0:
+        return None
+    row = int(np.prod([d for d in dims[1:] if d is not None]))
+    return [BATCH_ENTRY, *rest] if int(np.prod(rest)) == row else None
 
 
 def _fold(model: onnx.ModelProto, input_name: str, passes: int = 64) -> int:
