@@ -84,6 +84,30 @@ def _first_output(model: onnx.ModelProto) -> str:
     return str(model.graph.output[0].name)
 
 
+def _check_input_against_config(model: onnx.ModelProto, name: str, config: ModelConfig) -> None:
+    """The model input's fixed dims must be the ones config.json feeds it."""
+    spec = config.input
+    declared = next((i for i in model.graph.input if i.name == name), None)
+    if declared is None:
+        raise InvalidModel(f"config names input {name!r}, the model has none")
+    dims = declared.type.tensor_type.shape.dim
+    if not dims:
+        return
+    if len(dims) != 4:
+        raise InvalidModel(f"the model input {name!r} has {len(dims)} dims, not 4 (an image batch)")
+    expected = (
+        (3, spec.height, spec.width) if spec.layout == "NCHW" else (spec.height, spec.width, 3)
+    )
+    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+    if any(f is not None and f != e for f, e in zip(fixed, expected, strict=True)):
+        shown = "x".join(str(f) if f is not None else "?" for f in fixed)
+        wanted = "x".join(str(e) for e in expected)
+        raise InvalidModel(
+            f"the model input {name!r} is fixed at {shown} per image, but config.json "
+            f"({spec.layout}, {spec.height}x{spec.width}) feeds it {wanted}"
+        )
+
+
 def _batch_of_one(model: onnx.ModelProto) -> bool:
     dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
     return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
@@ -140,6 +164,7 @@ class LoadedModel:
             raise InvalidModel(f"{MODEL_FILE} is not a valid ONNX file") from exc
         self.input_name = self.config.input.name or _first_input(original)
         self.output_name = self.config.output_name or _first_output(original)
+        _check_input_against_config(original, self.input_name, self.config)
         self.normalization_failure: str | None = None
         """Why the model is served as exported, if normalising it failed."""
         try:

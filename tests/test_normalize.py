@@ -492,6 +492,32 @@ def test_guided_backprop_without_relus_is_refused(client: TestClient) -> None:
     assert np.abs(_map(_explain(client, "silu", "saliency"))).max() > 0
 
 
+@pytest.mark.parametrize(
+    ("dims", "reason"),
+    [
+        ([1, 3, 2 * SIZE, 2 * SIZE], f"fixed at 3x{2 * SIZE}x{2 * SIZE} per image"),
+        (["N", SIZE, SIZE, 3], f"fixed at {SIZE}x{SIZE}x3 per image"),
+    ],
+)
+def test_a_model_whose_input_disagrees_with_its_config_is_refused_at_load(
+    tmp_path: Path, dims: list[Any], reason: str
+) -> None:
+    from engines.errors import InvalidModel
+    from engines.model import LoadedModel
+    from tests.conftest import CPU
+
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1),
+    ]
+    features = int(np.prod(dims[1:]))
+    weights = {"fc": np.zeros((3, features), np.float32)}
+    folder = _save(tmp_path / "m", nodes, weights, dims, [dims[0], 3])
+
+    with pytest.raises(InvalidModel, match=reason):
+        LoadedModel("m", folder, CPU)
+
+
 # --- the support table -----------------------------------------------------------------------
 
 
