@@ -1,7 +1,9 @@
 """For tests that start the service as a process of its own and talk to it over a socket."""
 
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,3 +35,28 @@ def wait_until_ready(
         assert process.poll() is None, f"server exited:{output()}"
         assert time.monotonic() < deadline, f"server did not become ready:{output()}"
         time.sleep(0.1)
+
+
+def start_service(
+    repository: Path, port: int, log: Path, **settings: str
+) -> "subprocess.Popen[bytes]":
+    """`onnx-explain serve` over `repository` on the CPU (2 threads), its output in `log`.
+
+    `settings` are more ONNX_EXPLAIN_* variables, by name without the prefix (e.g.
+    CACHE_DIR="...").
+    """
+    env = {
+        **os.environ,
+        "ONNX_EXPLAIN_MODEL_REPOSITORY": str(repository),
+        "ONNX_EXPLAIN_PROVIDERS": "cpu",
+        "ONNX_EXPLAIN_INTRA_OP_THREADS": "2",
+        "ONNX_EXPLAIN_LOG_LEVEL": "warning",
+        **{f"ONNX_EXPLAIN_{name}": value for name, value in settings.items()},
+    }
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )

@@ -1,8 +1,6 @@
 """The Python client against the app served by uvicorn as a real process."""
 
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +14,7 @@ import pytest
 
 from client import ClientError, ConnectionFailed, ExplainClient, ServiceError
 from tests.images import encode, photo
-from tests.servers import free_port
+from tests.servers import free_port, start_service
 
 MODEL = "efficientnet-lite0"
 CAT_CLASSES = range(281, 286)
@@ -34,22 +32,8 @@ def served_app(repository: Path, workdir: Path) -> Iterator[Served]:
     """`onnx-explain serve` over `repository` on a free port, on the CPU, until the block ends."""
     port = free_port()
     cache_dir = workdir / "cache"
-    env = {
-        **os.environ,
-        "ONNX_EXPLAIN_MODEL_REPOSITORY": str(repository),
-        "ONNX_EXPLAIN_CACHE_DIR": str(cache_dir),
-        "ONNX_EXPLAIN_PROVIDERS": "cpu",
-        "ONNX_EXPLAIN_INTRA_OP_THREADS": "2",
-        "ONNX_EXPLAIN_LOG_LEVEL": "warning",
-    }
     log = workdir / "server.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_service(repository, port, log, CACHE_DIR=str(cache_dir))
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process, log)

@@ -13,7 +13,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from engines.images import preprocess
 from engines.methods import EXPLAINERS
 from schemas.model_config import ModelConfig
 from tests.images import encode
-from tests.servers import free_port, wait_until_ready
+from tests.servers import free_port, start_service, wait_until_ready
 
 ZOO_PYTHON = os.environ.get("ONNX_EXPLAIN_ZOO_PYTHON", "")
 # For iterating on the engines: a folder tests/zoo/export.py already wrote, used instead of
@@ -157,22 +156,13 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zoo]:
     image = np.load(root / "image.npy")
     port = free_port()
     log = tmp_path_factory.mktemp("zoo-server") / "server.log"
-    env = {
-        **os.environ,
-        "ONNX_EXPLAIN_MODEL_REPOSITORY": str(root),
-        "ONNX_EXPLAIN_CACHE_DIR": str(log.parent / "cache"),
-        "ONNX_EXPLAIN_PROVIDERS": "cpu",
-        "ONNX_EXPLAIN_INTRA_OP_THREADS": "2",
-        "ONNX_EXPLAIN_REQUEST_TIMEOUT_SECONDS": str(REQUEST_TIMEOUT_SECONDS),
-        "ONNX_EXPLAIN_LOG_LEVEL": "warning",
-    }
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+    process = start_service(
+        root,
+        port,
+        log,
+        CACHE_DIR=str(log.parent / "cache"),
+        REQUEST_TIMEOUT_SECONDS=str(REQUEST_TIMEOUT_SECONDS),
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(base, process, log, seconds=300)
