@@ -43,10 +43,6 @@ class Maximized:
     """The target's output at each step, before that step's update."""
 
 
-def _spatial_axes(spec: InputSpec) -> tuple[int, int]:
-    return (2, 3) if spec.layout == "NCHW" else (1, 2)
-
-
 def _channel_shape(spec: InputSpec) -> tuple[int, ...]:
     return (1, 3, 1, 1) if spec.layout == "NCHW" else (1, 1, 1, 3)
 
@@ -98,7 +94,7 @@ def maximize(
 ) -> Maximized:
     """Gradient ascent on the input for `params.steps` steps (checks the deadline each step)."""
     spec = model.config.input
-    axes = _spatial_axes(spec)
+    axes = spec.spatial_axes
     low, high = valid_range(spec)
     tensor: np.ndarray = (start if start is not None else start_tensor(spec, params)).astype(
         np.float32

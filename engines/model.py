@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from engines.batcher import BatchPolicy, MicroBatcher
 from engines.errors import EngineError, InferenceFailed, InvalidModel, InvalidParameters
 from engines.gradients import GradientGraphs
-from engines.graphs.normalize import Normalized, normalize
+from engines.graphs.normalize import BatchMode, Normalized, fixed_batch_of_one, normalize
 from engines.images import preprocess
 from engines.layers import LayerInfo, spatial_layers
 from engines.runtime import ModelSession, RuntimeOptions
@@ -108,11 +108,6 @@ def _check_input_against_config(model: onnx.ModelProto, name: str, config: Model
         )
 
 
-def _batch_of_one(model: onnx.ModelProto) -> bool:
-    dims = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
-    return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
-
-
 def _batch_rewrite_holds(
     rewritten: onnx.ModelProto, original_path: Path, input_name: str, output_name: str
 ) -> bool:
@@ -165,8 +160,6 @@ class LoadedModel:
         self.input_name = self.config.input.name or _first_input(original)
         self.output_name = self.config.output_name or _first_output(original)
         _check_input_against_config(original, self.input_name, self.config)
-        self.normalization_failure: str | None = None
-        """Why the model is served as exported, if normalising it failed."""
         try:
             normalized = self._normalized(original, model_path)
             graph_bytes = normalized.model.SerializeToString()
@@ -174,21 +167,21 @@ class LoadedModel:
         except Exception as exc:  # a model that ran as exported must not be lost to a rewrite
             reason = exc.message if isinstance(exc, EngineError) else type(exc).__name__
             log.warning("model %s is served as exported: normalising it failed: %s", name, reason)
-            self.normalization_failure = reason
-            normalized = Normalized(original, "one_row" if _batch_of_one(original) else "free")
+            data_input = next(i for i in original.graph.input if i.name == self.input_name)
+            batch: BatchMode = "one_row" if fixed_batch_of_one(data_input) else "free"
+            normalized = Normalized(original, batch)
             graph_bytes = original.SerializeToString()
             self.session = ModelSession(graph_bytes, options)
         self.graph: onnx.ModelProto = normalized.model
         """The normalised model (engines.graphs.normalize) that every session runs."""
         self.batch_mode = normalized.batch
-        self.widened_to_float32 = normalized.widened
         self.graph_sha256 = hashlib.sha256(graph_bytes).hexdigest()
         self.layers: list[LayerInfo] = spatial_layers(self.graph, self.config.input)
         if self.input_name not in self.session.input_names:
             raise InvalidModel(f"config names input {self.input_name!r}, the model has none")
         if self.output_name not in self.session.output_names:
             raise InvalidModel(f"config names output {self.output_name!r}, the model has none")
-        if self.batch_mode == "one_row":
+        if self.one_row_per_run:
             batch_policy = None  # one row per run: nothing to batch across requests
         if batch_policy is not None:
             batch_policy = batch_policy.for_provider(self.session.provider)
@@ -197,7 +190,7 @@ class LoadedModel:
             model_path=model_path,
             model_sha256=self.graph_sha256,
             forward_graph=self.graph,
-            one_row_per_run=self.batch_mode == "one_row",
+            one_row_per_run=self.one_row_per_run,
             output=self.output_name,
             num_classes=self.num_classes,
             layers={layer.name for layer in self.layers},
@@ -216,8 +209,8 @@ class LoadedModel:
     def _normalized(self, original: onnx.ModelProto, model_path: Path) -> Normalized:
         """The model normalised for this config; a rewritten batch is kept only if it checks."""
         spec = self.config.input
-        axes = (2, 3) if spec.layout == "NCHW" else (1, 2)
-        spatial = {axes[0]: spec.height, axes[1]: spec.width}
+        height_axis, width_axis = spec.spatial_axes
+        spatial = {height_axis: spec.height, width_axis: spec.width}
         normalized = normalize(original, self.input_name, spatial)
         if normalized.batch != "rewritten":
             return normalized
@@ -273,10 +266,15 @@ class LoadedModel:
         return self._forward_batcher.submit(batch, rows=batch.shape[0])
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
-        if self.one_row_per_run and batch.shape[0] > 1:
-            return np.concatenate([self._forward(batch[i : i + 1]) for i in range(len(batch))])
-        (output,) = self.session.run({self.input_name: batch}, [self.output_name])
+        output = self._run(self.session, batch, self.output_name)
         return output.reshape(output.shape[0], -1)
+
+    def _run(self, session: ModelSession, batch: np.ndarray, output: str) -> np.ndarray:
+        """One output of `session` for a batch; a model whose batch stays 1 runs it by rows."""
+        if self.one_row_per_run and batch.shape[0] > 1:
+            return np.concatenate([self._run(session, row[None], output) for row in batch])
+        (values,) = session.run({self.input_name: batch}, [output])
+        return values
 
     def _forward_many(self, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
         outputs = self._forward(np.concatenate(batches))
@@ -316,14 +314,7 @@ class LoadedModel:
                 graph.graph.output.append(onnx.ValueInfoProto(name=layer))
                 session = ModelSession(graph.SerializeToString(), self.options)
                 self._layer_sessions[layer] = session
-        if self.one_row_per_run and batch.shape[0] > 1:
-            rows = [
-                session.run({self.input_name: batch[i : i + 1]}, [layer])[0]
-                for i in range(len(batch))
-            ]
-            return np.concatenate(rows)
-        (activations,) = session.run({self.input_name: batch}, [layer])
-        return activations
+        return self._run(session, batch, layer)
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
         return self.to_probabilities(self.forward(preprocess(images, self.config.input)))

@@ -30,6 +30,11 @@ class InputSpec(BaseModel):
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
+    @property
+    def spatial_axes(self) -> tuple[int, int]:
+        """The height and width axes of the model's batched input tensor."""
+        return (2, 3) if self.layout == "NCHW" else (1, 2)
+
     @model_validator(mode="after")
     def _std_positive(self) -> "InputSpec":
         if any(s <= 0 for s in self.std):

@@ -14,8 +14,7 @@ why not onnxruntime's basic optimizer, see the README.)
 """
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -58,11 +57,6 @@ class Normalized:
     batch: BatchMode
     """`free`: the model already had a free batch; `rewritten`: its batch of 1 was made
     symbolic (to be checked by running it); `one_row`: it stays 1, run one row per call."""
-    folded: int = 0
-    """Nodes replaced by constants or removed."""
-    widened: bool = False
-    """float16/bfloat16 tensors were rewritten to float32."""
-    notes: list[str] = field(default_factory=list)
 
 
 def normalize(
@@ -79,17 +73,17 @@ def normalize(
     if data_input is None:
         raise UnsupportedModel(f"the model has no input {input_name!r}")
     _fix_dims(data_input, spatial)
-    widened = _widen_to_float32(result)
+    _widen_to_float32(result)
     result = at_gradient_opset(result)
     graph = result.graph
     data_input = next(i for i in graph.input if i.name == input_name)
     batch: BatchMode = "free"
-    if _fixed_batch_of_one(data_input):
+    if fixed_batch_of_one(data_input):
         batch = "rewritten" if rewrite_batch else "one_row"
     if batch == "rewritten":
         _make_batch_symbolic(result, input_name)
-    folded = _fold(result, input_name)
-    return Normalized(result, batch, folded, widened)
+    _fold(result, input_name)
+    return Normalized(result, batch)
 
 
 def _fix_dims(value: onnx.ValueInfoProto, spatial: dict[int, int]) -> None:
@@ -100,7 +94,7 @@ def _fix_dims(value: onnx.ValueInfoProto, spatial: dict[int, int]) -> None:
             dims[axis].dim_value = size
 
 
-def _fixed_batch_of_one(value: onnx.ValueInfoProto) -> bool:
+def fixed_batch_of_one(value: onnx.ValueInfoProto) -> bool:
     dims = value.type.tensor_type.shape.dim
     return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
 
@@ -138,13 +132,18 @@ def _keep_asymmetric_coordinates(graph: onnx.GraphProto) -> None:
     for node in graph.node:
         if node.op_type != "Resize":
             continue
-        kept = [a for a in node.attribute if a.name not in ("coordinate_transformation_mode",)]
-        kept.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+        _set_attribute(node, "coordinate_transformation_mode", "asymmetric")
         if node_attribute(node, "mode", b"nearest") in (b"nearest", "nearest"):
-            kept = [a for a in kept if a.name != "nearest_mode"]
-            kept.append(helper.make_attribute("nearest_mode", "floor"))
-        del node.attribute[:]
-        node.attribute.extend(kept)
+            _set_attribute(node, "nearest_mode", "floor")
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value: str | None) -> None:
+    """Give the node attribute `name` the value, or remove it (None)."""
+    kept = [a for a in node.attribute if a.name != name]
+    if value is not None:
+        kept.append(helper.make_attribute(name, value))
+    del node.attribute[:]
+    node.attribute.extend(kept)
 
 
 # --- the batch -------------------------------------------------------------------------------
@@ -176,9 +175,7 @@ def _make_batch_symbolic(model: onnx.ModelProto, input_name: str) -> None:
             if 0 in value.tolist():
                 continue  # a literal 0 size: leave it, the batch check will tell
             # No zero in the target: allowzero changes nothing, and 0 must mean "copy" now.
-            kept = [a for a in node.attribute if a.name != "allowzero"]
-            del node.attribute[:]
-            node.attribute.extend(kept)
+            _set_attribute(node, "allowzero", None)
         new_shape = value.copy()
         new_shape[0] = 0
         new_name = f"{shape_name}/any_batch"
@@ -200,8 +197,8 @@ def _initializer_or_constant(
 # --- float16 ---------------------------------------------------------------------------------
 
 
-def _widen_to_float32(model: onnx.ModelProto) -> bool:
-    """Rewrite float16/bfloat16 tensors, constants and casts to float32; True if any were."""
+def _widen_to_float32(model: onnx.ModelProto) -> None:
+    """Rewrite float16/bfloat16 tensors, constants and casts to float32."""
     graph = model.graph
     changed = False
     for value in [*graph.input, *graph.output, *graph.value_info]:
@@ -231,7 +228,6 @@ def _widen_to_float32(model: onnx.ModelProto) -> bool:
                 changed = True
     if changed:
         del graph.value_info[:]
-    return changed
 
 
 # --- folding ---------------------------------------------------------------------------------
@@ -313,9 +309,7 @@ class _Folder:
             declared = value.type.tensor_type.shape.dim
             if declared and declared[0].dim_param:
                 self.first_dims[value.name] = declared[0].dim_param
-        self.opset = next(
-            (o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 13
-        )
+        self.opset = opset_of(model)
         self.batch_param = self.first_dims.get(input_name)
         renames = self._resampled_batches(graph)
         self.first_dims = {k: renames.get(v, v) for k, v in self.first_dims.items()}
@@ -508,9 +502,7 @@ class _Folder:
         if not all(isinstance(d, int) for d in rest) or 0 in rest:
             return  # (a 0 there would copy another dim, not mean a size of 0)
         # allowzero makes a 0 literal; with no 0 in the target it changed nothing until now.
-        kept = [a for a in node.attribute if a.name != "allowzero"]
-        del node.attribute[:]
-        node.attribute.extend(kept)
+        _set_attribute(node, "allowzero", None)
         node.input[1] = self._constant(
             f"{node.input[1]}/keep_batch", np.array([0, *rest], np.int64)
         )
@@ -595,10 +587,6 @@ class _Folder:
             return [np.array(entry, np.int64)]
         self.scalars[name] = entry
         return None
-
-    def _set(self, node: onnx.NodeProto, outputs: Sequence[Array]) -> None:
-        for name, value in zip(node.output, outputs, strict=False):
-            self.values[name] = value
 
     def _evaluate(self, node: onnx.NodeProto) -> list[Array] | None:
         inputs = [n for n in node.input if n]
