@@ -6,14 +6,11 @@ through the graph from the input; a tensor whose layout cannot be told is not of
 """
 
 from dataclasses import dataclass
-from typing import Literal
 
 import onnx
 
 from engines.graphs.context import DEFAULT_DOMAINS, node_attribute
-from schemas.model_config import InputSpec
-
-Layout = Literal["NCHW", "NHWC"]
+from schemas.model_config import InputSpec, Layout, channel_axis, spatial_axes
 
 # ONNX defines these on NCHW tensors: their (first) output is NCHW whatever fed them.
 NCHW_OPS = frozenset(
@@ -104,11 +101,11 @@ class LayerInfo:
 
     @property
     def channel_axis(self) -> int:
-        return 1 if self.layout == "NCHW" else 3
+        return channel_axis(self.layout)
 
     @property
     def spatial_axes(self) -> tuple[int, int]:
-        return (2, 3) if self.layout == "NCHW" else (1, 2)
+        return spatial_axes(self.layout)
 
 
 def shape_of(value_info: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:

@@ -19,7 +19,7 @@ from engines.graphs.normalize import BatchMode, Normalized, fixed_batch_of_one, 
 from engines.images import preprocess
 from engines.layers import LayerInfo, spatial_layers
 from engines.runtime import ModelSession, RuntimeOptions
-from schemas.model_config import ModelConfig
+from schemas.model_config import ModelConfig, channel_axis
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
@@ -234,7 +234,7 @@ class LoadedModel:
     @property
     def channel_axis(self) -> int:
         """Channel axis of batched input tensors (a feature map's is its LayerInfo's)."""
-        return 1 if self.config.input.layout == "NCHW" else 3
+        return channel_axis(self.config.input.layout)
 
     def to_probabilities(self, outputs: np.ndarray) -> np.ndarray:
         return softmax(outputs) if self.config.output == "logits" else outputs

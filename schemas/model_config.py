@@ -4,6 +4,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+Layout = Literal["NCHW", "NHWC"]
+
+
+def channel_axis(layout: Layout) -> int:
+    """The channel axis of a batched 4-D tensor in `layout`."""
+    return 1 if layout == "NCHW" else 3
+
+
+def spatial_axes(layout: Layout) -> tuple[int, int]:
+    """The height and width axes of a batched 4-D tensor in `layout`."""
+    return (2, 3) if layout == "NCHW" else (1, 2)
+
 
 class InputSpec(BaseModel):
     """How a decoded RGB uint8 image becomes the model's input tensor.
@@ -25,7 +37,7 @@ class InputSpec(BaseModel):
     )
     crop_fraction: float = Field(default=0.875, gt=0.0, le=1.0)
     color: Literal["RGB", "BGR"] = "RGB"
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    layout: Layout = "NCHW"
     scale: float = Field(default=1.0 / 255.0, gt=0.0, le=1.0)
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -33,7 +45,7 @@ class InputSpec(BaseModel):
     @property
     def spatial_axes(self) -> tuple[int, int]:
         """The height and width axes of the model's batched input tensor."""
-        return (2, 3) if self.layout == "NCHW" else (1, 2)
+        return spatial_axes(self.layout)
 
     @model_validator(mode="after")
     def _std_positive(self) -> "InputSpec":
