@@ -226,6 +226,7 @@ class GradientGraphs:
     def __init__(
         self,
         model_path: Path,
+        forward_graph: onnx.ModelProto,
         model_sha256: str,
         output: str,
         num_classes: int,
@@ -235,11 +236,10 @@ class GradientGraphs:
         name: str = "model",
         batch_policy: BatchPolicy | None = None,
         on_batch: Callable[[int, int], None] | None = None,
-        forward_graph: onnx.ModelProto | None = None,
         one_row_per_run: bool = False,
     ) -> None:
-        """`model_sha256` keys the graphs: the digest of `forward_graph` when one is given (the
-        normalised model the graphs are built from), else of the file at `model_path`.
+        """`forward_graph`: the (normalised) model the graphs are built from; `model_sha256`,
+        its digest, keys them; prepared graphs live beside `model_path`.
         `one_row_per_run`: the model's batch is fixed at 1, so batches run row by row."""
         self.name = name
         self.forward_graph = forward_graph
@@ -270,9 +270,6 @@ class GradientGraphs:
             )
 
     def build(self, key: GraphKey) -> onnx.ModelProto:
-        forward = (
-            onnx.load(str(self.model_path)) if self.forward_graph is None else self.forward_graph
-        )
         spec = GradientSpec(
             output=self.output,
             layer=key.layer,
@@ -280,7 +277,7 @@ class GradientGraphs:
             guided=key.guided,
             paired=key.paired,
         )
-        gradient_model = build_gradient_model(forward, spec)
+        gradient_model = build_gradient_model(self.forward_graph, spec)
         if key.top_k_seeds:
             gradient_model = add_top_k_seeds(
                 gradient_model, self.output, self.num_classes, paired=key.paired
