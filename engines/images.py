@@ -1,7 +1,8 @@
 """Bytes -> checked, decoded RGB image -> model tensor.
 
 The header of every image is parsed by hand before any pixel is decoded, so a tiny file that
-claims enormous dimensions is refused without allocating them.
+claims enormous dimensions is refused without allocating them. The EXIF Orientation tag is read by
+hand too and applied after decoding, so images from phones come out as viewers show them.
 """
 
 import struct
@@ -20,6 +21,9 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # JPEG start-of-frame markers (baseline, progressive, lossless, ...) that carry dimensions.
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_EXIF_PREFIX = b"Exif\x00\x00"
+_TIFF_ORIENTATION_TAG = 0x0112
+_TIFF_SHORT = 3
 
 
 @dataclass(frozen=True)
@@ -130,13 +134,128 @@ def decode_image(data: bytes, limits: ImageLimits) -> np.ndarray:
     if header.format == "jpeg" and not _jpeg_is_complete(data):
         raise InvalidImage("JPEG is truncated: no end-of-image marker")
     buffer = np.frombuffer(data, dtype=np.uint8)
-    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    # OpenCV would rotate by the EXIF orientation itself; we decode the stored pixels, so that
+    # they can be checked against the header, and apply the orientation we read ourselves.
+    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise InvalidImage(f"{header.format.upper()} could not be decoded (truncated or corrupt)")
     if bgr.shape[:2] != (header.height, header.width):
         raise InvalidImage("decoded size does not match the size in the image header")
-    rgb: np.ndarray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    oriented = apply_orientation(bgr, exif_orientation(data, header.format))
+    rgb: np.ndarray = cv2.cvtColor(oriented, cv2.COLOR_BGR2RGB)
     return rgb
+
+
+def exif_orientation(data: bytes, fmt: ImageFormat) -> int:
+    """The EXIF Orientation tag (1-8) of an image; 1 when it has none or its EXIF is malformed.
+
+    Read from a JPEG's APP1 Exif segment, a PNG's eXIf chunk or an extended WebP's EXIF chunk.
+    """
+    if fmt == "jpeg":
+        tiff = _jpeg_exif(data)
+    elif fmt == "png":
+        tiff = _png_exif(data)
+    else:
+        tiff = _webp_exif(data)
+    return 1 if tiff is None else _tiff_orientation(tiff)
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels of an image turned as EXIF `orientation` says they are to be shown."""
+    if orientation == 2:
+        oriented = cv2.flip(image, 1)
+    elif orientation == 3:
+        oriented = cv2.rotate(image, cv2.ROTATE_180)
+    elif orientation == 4:
+        oriented = cv2.flip(image, 0)
+    elif orientation == 5:
+        oriented = cv2.transpose(image)
+    elif orientation == 6:
+        oriented = cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
+    elif orientation == 7:
+        oriented = cv2.flip(cv2.transpose(image), -1)
+    elif orientation == 8:
+        oriented = cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    else:
+        oriented = image
+    return oriented
+
+
+def _jpeg_exif(data: bytes) -> bytes | None:
+    """The TIFF block of the first APP1 Exif segment before the image data."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            return None
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2:
+            return None
+        segment = data[pos + 4 : pos + 2 + length]
+        if marker == 0xE1 and segment.startswith(_JPEG_EXIF_PREFIX):
+            return segment[len(_JPEG_EXIF_PREFIX) :]
+        pos += 2 + length
+    return None
+
+
+def _png_exif(data: bytes) -> bytes | None:
+    """The payload of the eXIf chunk when it comes before the image data, as viewers read it."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"eXIf":
+            return data[pos + 8 : pos + 8 + length]
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        pos += 12 + length
+    return None
+
+
+def _webp_exif(data: bytes) -> bytes | None:
+    """The payload of the EXIF chunk; only the extended (VP8X) format carries one."""
+    if data[12:16] != b"VP8X":
+        return None
+    pos = 12
+    while pos + 8 <= len(data):
+        kind, length = struct.unpack_from("<4sI", data, pos)
+        if kind == b"EXIF":
+            payload = data[pos + 8 : pos + 8 + length]
+            # The container defines a bare TIFF block, but some writers keep JPEG's APP1 prefix.
+            return payload.removeprefix(_JPEG_EXIF_PREFIX)
+        pos += 8 + length + (length & 1)
+    return None
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """Tag 0x0112 of IFD0 of a TIFF block: one SHORT, 1-8; anything else counts as 1."""
+    if tiff[:4] == b"II*\x00":
+        order = "<"
+    elif tiff[:4] == b"MM\x00*":
+        order = ">"
+    else:
+        return 1
+    if len(tiff) < 8:
+        return 1
+    (ifd0,) = struct.unpack_from(order + "I", tiff, 4)
+    if ifd0 + 2 > len(tiff):
+        return 1
+    (entries,) = struct.unpack_from(order + "H", tiff, ifd0)
+    first = ifd0 + 2
+    # Each entry is 12 bytes: tag, type, count and a 4-byte value (a SHORT sits in its start).
+    for entry in range(first, min(first + 12 * entries, len(tiff) - 11), 12):
+        tag, kind, count, value = struct.unpack_from(order + "HHIH", tiff, entry)
+        if tag == _TIFF_ORIENTATION_TAG:
+            valid = kind == _TIFF_SHORT and count == 1 and 1 <= value <= 8
+            return int(value) if valid else 1
+    return 1
 
 
 def _jpeg_is_complete(data: bytes) -> bool:
