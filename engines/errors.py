@@ -80,6 +80,12 @@ class DeadlineExceeded(EngineError):
     code = "deadline_exceeded"
 
 
+class OverBudget(EngineError):
+    """The memory budget (or the bounded graph builds) cannot take this work now; retry later."""
+
+    code = "over_budget"
+
+
 class Overloaded(EngineError):
     """The queue for this work is full; the caller should retry later."""
 

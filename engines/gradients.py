@@ -23,7 +23,8 @@ from engines.batcher import BatchPolicy, MicroBatcher
 from engines.errors import InvalidModel, InvalidParameters, UnsupportedModel
 from engines.graphs import GradientSpec, build_gradient_model
 from engines.graphs.context import node_attribute
-from engines.runtime import ModelSession, RuntimeOptions
+from engines.runtime import ModelSession
+from engines.sessions import ModelSessions
 
 PREPARED_FOLDER = "gradients"
 # Bumped whenever the graphs we build change shape, so stale cached files are never reused.
@@ -232,7 +233,8 @@ class GradientGraphs:
         num_classes: int,
         layers: set[str],
         cache_dir: Path | None,
-        options: RuntimeOptions,
+        sessions: ModelSessions,
+        activation_bytes: int,
         name: str = "model",
         batch_policy: BatchPolicy | None = None,
         on_batch: Callable[[int, int], None] | None = None,
@@ -255,8 +257,9 @@ class GradientGraphs:
         self.num_classes = num_classes
         self.layers = layers
         self.cache_dir = cache_dir
-        self.options = options
-        self._sessions: dict[GraphKey, ModelSession] = {}
+        self.sessions = sessions
+        self.activation_bytes = activation_bytes
+        """What one image's run of a gradient graph holds (estimated)."""
         self._lock = threading.Lock()
 
     @property
@@ -307,17 +310,31 @@ class GradientGraphs:
     def session(self, key: GraphKey) -> ModelSession:
         if key.layer is not None:
             self.check_layer(key.layer)
-        with self._lock:
-            found = self._sessions.get(key)
-            if found is None:
-                try:
-                    found = ModelSession(self._locate_or_build(key), self.options)
-                except InvalidModel as exc:  # the model loaded; it is this graph that cannot
-                    raise UnsupportedModel(
-                        f"onnxruntime cannot run this model's gradient graph: {exc.message}"
-                    ) from exc
-                self._sessions[key] = found
-            return found
+        try:
+            return self.sessions.get(
+                "gradient", key, lambda: self._locate_or_build(key), self.activation_bytes
+            )
+        except InvalidModel as exc:  # the model loaded; it is this graph that cannot
+            raise UnsupportedModel(
+                f"onnxruntime cannot run this model's gradient graph: {exc.message}"
+            ) from exc
+
+    @staticmethod
+    def warm_keys(layer: str | None) -> list[GraphKey]:
+        """The graphs a one-image, top-1 Grad-CAM (at `layer`), saliency and guided backprop
+        request runs: worth building before the first request."""
+        keys = [
+            GraphKey(None, wrt_input=True, guided=False, top_k_seeds=True, paired=True),
+            GraphKey(None, wrt_input=True, guided=True, top_k_seeds=True, paired=True),
+        ]
+        if layer is not None:
+            keys.insert(
+                0, GraphKey(layer, wrt_input=False, guided=False, top_k_seeds=True, paired=True)
+            )
+        return keys
+
+    def resident(self, key: GraphKey) -> bool:
+        return self.sessions.resident("gradient", key)
 
     def run(
         self,

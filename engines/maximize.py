@@ -5,7 +5,6 @@ regularizers that keep the image readable: random jitter (undone after the step)
 Gaussian blur every few steps and clipping to the values real pixels can take.
 """
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +19,6 @@ from engines.graphs import GradientSpec, build_gradient_model
 from engines.images import blur_tensor, preprocess
 from engines.layers import LayerInfo
 from engines.model import LoadedModel
-from engines.runtime import ModelSession
 from schemas.maximize import MaximizeParams
 from schemas.model_config import InputSpec
 
@@ -153,8 +151,6 @@ def class_objective(model: LoadedModel, target: int) -> Objective:
 
 
 LAYER_MEANS = "maximize/layer_means"
-_channel_sessions: dict[tuple[str, str], tuple[ModelSession, int]] = {}
-_channel_lock = threading.Lock()
 
 
 def layer_means_model(model: LoadedModel, layer: LayerInfo) -> onnx.ModelProto:
@@ -184,15 +180,12 @@ def channel_objective(model: LoadedModel, layer: str, channel: int) -> Objective
     channels = info.shape[info.channel_axis]
     if not isinstance(channels, int) or not 0 <= channel < channels:
         raise InvalidParameters(f"channel {channel} is out of range for layer {layer!r}")
-    key = (model.graph_sha256, layer)
-    with _channel_lock:
-        found = _channel_sessions.get(key)
-        if found is None:
-            spec = GradientSpec(output=LAYER_MEANS, wrt_input=True)
-            gradient_model = build_gradient_model(layer_means_model(model, info), spec)
-            found = (ModelSession(gradient_model.SerializeToString(), model.options), channels)
-            _channel_sessions[key] = found
-    session, _ = found
+
+    def make() -> onnx.ModelProto:
+        spec = GradientSpec(output=LAYER_MEANS, wrt_input=True)
+        return build_gradient_model(layer_means_model(model, info), spec)
+
+    session = model.sessions.get("maximize", layer, make, 2 * model.activation_bytes)
     seeds = seeds_for([channel], channels)
 
     def score(tensor: np.ndarray) -> tuple[float, np.ndarray]:

@@ -3,7 +3,6 @@
 import hashlib
 import itertools
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +15,12 @@ from engines.batcher import BatchPolicy, MicroBatcher
 from engines.errors import EngineError, InferenceFailed, InvalidModel, InvalidParameters
 from engines.gradients import GradientGraphs
 from engines.graphs.normalize import BatchMode, Normalized, fixed_batch_of_one, normalize
+from engines.graphs.sizes import activation_bytes
 from engines.images import preprocess
 from engines.layers import LayerInfo, spatial_layers
+from engines.memory import MemoryBudget
 from engines.runtime import ModelSession, RuntimeOptions
+from engines.sessions import ModelSessions, SharedWeights, build_session
 from schemas.model_config import ModelConfig, channel_axis
 
 MODEL_FILE = "model.onnx"
@@ -141,17 +143,19 @@ class LoadedModel:
         cache_dir: Path | None = None,
         batch_policy: BatchPolicy | None = None,
         on_batch: Callable[[int, int], None] | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         """`batch_policy` turns on cross-request batching of forward and gradient runs;
-        `on_batch(rows, queued)` hears about every batch (for metrics)."""
+        `on_batch(rows, queued)` hears about every batch (for metrics); `budget` holds the
+        model's prepared sessions (a budget of its own by default)."""
         self.name = name
         self.config = read_config(folder)
         self.labels = read_labels(folder, self.config)
         model_path = folder / MODEL_FILE
         self.model_path = model_path
         self.options = options
-        self._layer_sessions: dict[str, ModelSession] = {}
-        self._layer_lock = threading.Lock()
+        self.budget = budget if budget is not None else MemoryBudget()
+        self.weights = SharedWeights()
         self.sha256 = file_sha256(model_path)
         try:
             original = onnx.load(str(model_path))
@@ -163,7 +167,7 @@ class LoadedModel:
         try:
             normalized = self._normalized(original, model_path)
             graph_bytes = normalized.model.SerializeToString()
-            self.session = ModelSession(graph_bytes, options)
+            forward = build_session(graph_bytes, options, self.weights, 0)
         except Exception as exc:  # a model that ran as exported must not be lost to a rewrite
             reason = exc.message if isinstance(exc, EngineError) else type(exc).__name__
             log.warning("model %s is served as exported: normalising it failed: %s", name, reason)
@@ -171,12 +175,18 @@ class LoadedModel:
             batch: BatchMode = "one_row" if fixed_batch_of_one(data_input) else "free"
             normalized = Normalized(original, batch)
             graph_bytes = original.SerializeToString()
-            self.session = ModelSession(graph_bytes, options)
+            forward = build_session(graph_bytes, options, self.weights, 0)
+        self.session = forward.session
         self.graph: onnx.ModelProto = normalized.model
         """The normalised model (engines.graphs.normalize) that every session runs."""
         self.batch_mode = normalized.batch
         self.graph_sha256 = hashlib.sha256(graph_bytes).hexdigest()
         self.layers: list[LayerInfo] = spatial_layers(self.graph, self.config.input)
+        self.activation_bytes = activation_bytes(self.graph)
+        """What one image's forward run computes (estimated); gradient graphs hold about twice."""
+        self.cost_bytes = self.weights.bytes + forward.cost_bytes + self.activation_bytes
+        """What the loaded model holds before any prepared graph: weights, forward session."""
+        self.sessions = ModelSessions(name, options, self.budget, self.weights)
         if self.input_name not in self.session.input_names:
             raise InvalidModel(f"config names input {self.input_name!r}, the model has none")
         if self.output_name not in self.session.output_names:
@@ -195,7 +205,8 @@ class LoadedModel:
             num_classes=self.num_classes,
             layers={layer.name for layer in self.layers},
             cache_dir=cache_dir,
-            options=options,
+            sessions=self.sessions,
+            activation_bytes=2 * self.activation_bytes,
             name=name,
             batch_policy=batch_policy,
             on_batch=on_batch,
@@ -285,35 +296,32 @@ class LoadedModel:
         """The model behind an in-graph occlusion prefix (engines.occlusion_graph)."""
         from engines.occlusion_graph import build_occlusion_model
 
-        key = f"occlusion:{layer or ''}"
-        with self._layer_lock:
-            session = self._layer_sessions.get(key)
-            if session is None:
-                spec = self.config.input
-                wrapped = build_occlusion_model(
-                    self.graph,
-                    self.input_name,
-                    self.output_name,
-                    spec.layout,
-                    spec.height,
-                    spec.width,
-                    layer,
-                    (2, 3) if layer is None else self.layer(layer).spatial_axes,
-                )
-                session = ModelSession(wrapped.SerializeToString(), self.options)
-                self._layer_sessions[key] = session
-            return session
+        def make() -> onnx.ModelProto:
+            spec = self.config.input
+            return build_occlusion_model(
+                self.graph,
+                self.input_name,
+                self.output_name,
+                spec.layout,
+                spec.height,
+                spec.width,
+                layer,
+                (2, 3) if layer is None else self.layer(layer).spatial_axes,
+            )
+
+        return self.sessions.get("occlusion", layer, make, self.activation_bytes)
 
     def layer_activations(self, batch: np.ndarray, layer: str) -> np.ndarray:
         """A layer's activations for a preprocessed batch (a session exposing that layer)."""
-        with self._layer_lock:
-            session = self._layer_sessions.get(layer)
-            if session is None:
-                graph = onnx.ModelProto()
-                graph.CopyFrom(self.graph)
-                graph.graph.output.append(onnx.ValueInfoProto(name=layer))
-                session = ModelSession(graph.SerializeToString(), self.options)
-                self._layer_sessions[layer] = session
+        self.gradients.check_layer(layer)
+
+        def make() -> onnx.ModelProto:
+            graph = onnx.ModelProto()
+            graph.CopyFrom(self.graph)
+            graph.graph.output.append(onnx.ValueInfoProto(name=layer))
+            return graph
+
+        session = self.sessions.get("activations", layer, make, self.activation_bytes)
         return self._run(session, batch, layer)
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:

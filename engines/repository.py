@@ -2,8 +2,15 @@
 
 Request paths never reach the filesystem: a name from a caller is only ever looked up in the
 dictionary built from the folder listing.
+
+Models share one memory budget (engines.memory) with their prepared sessions. At start-up the
+models are loaded in order while the budget holds them; the others stay `unloaded` and load on
+first use, and a model is unloaded when its memory is needed and it is the least recently used
+thing resident (Triton's model control, decided by the budget). Right after a model loads, the
+gradient graphs of its default layer are built in the background (`warm`).
 """
 
+import contextlib
 import enum
 import functools
 import logging
@@ -14,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines.batcher import BatchPolicy
-from engines.errors import EngineError, ModelNotFound, ModelNotReady
+from engines.errors import EngineError, ModelNotFound, ModelNotReady, OverBudget
+from engines.memory import MemoryBudget
 from engines.model import MODEL_FILE, LoadedModel
 from engines.runtime import RuntimeOptions
 from engines.support import MethodSupport, find_support
@@ -25,9 +33,15 @@ log = logging.getLogger(__name__)
 
 
 class ModelState(enum.StrEnum):
+    UNLOADED = "unloaded"
     LOADING = "loading"
-    READY = "ready"
+    LOADED = "loaded"
     FAILED = "failed"
+
+
+LOAD_FACTOR = 3
+"""Loading holds the file's bytes about this many times over (the parsed graph, the normalised
+copy, onnxruntime's optimiser) until the model's own cost is known."""
 
 
 @dataclass
@@ -39,6 +53,14 @@ class ModelEntry:
     model: LoadedModel | None = field(default=None, repr=False)
     support: list[MethodSupport] = field(default_factory=list, repr=False)
     """Per explanation method, whether the model supports it and why not."""
+    budget_entry: int | None = field(default=None, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Held while the model loads, so concurrent first requests wait for one load."""
+
+    @property
+    def serves(self) -> bool:
+        """Loaded, or loadable on first use."""
+        return self.state in (ModelState.LOADED, ModelState.UNLOADED)
 
 
 class ModelRepository:
@@ -49,9 +71,14 @@ class ModelRepository:
         cache_dir: Path | None = None,
         batch_policy: BatchPolicy | None = None,
         on_batch: Callable[[str, int, int], None] | None = None,
+        budget: MemoryBudget | None = None,
+        warm: bool = True,
     ) -> None:
-        """`on_batch(model, rows, queued)` hears about every cross-request batch."""
+        """`on_batch(model, rows, queued)` hears about every cross-request batch; `warm` builds
+        each model's default-layer gradient graphs in the background once it loads."""
         self.root = root
+        self.budget = budget if budget is not None else MemoryBudget()
+        self.warm = warm
         self.options = options
         self.cache_dir = cache_dir
         self.batch_policy = batch_policy
@@ -72,19 +99,49 @@ class ModelRepository:
         self._entries = entries
 
     def load_all(self) -> None:
+        """Load the models in order while the budget has room; the rest load on first use."""
         for entry in self._entries.values():
-            self._load(entry)
+            needed = self._load_estimate(entry)
+            usage = self.budget.usage()
+            if usage.resident_bytes + usage.reserved_bytes + needed > self.budget.limit_bytes:
+                entry.state = ModelState.UNLOADED
+                continue
+            with entry.lock, contextlib.suppress(OverBudget):
+                self._load(entry)
         self._loaded.set()
 
-    def _load(self, entry: ModelEntry) -> None:
+    @staticmethod
+    def _load_estimate(entry: ModelEntry) -> int:
         try:
-            cache = self.cache_dir / entry.name if self.cache_dir is not None else None
-            hook = self.on_batch
-            on_batch = None if hook is None else functools.partial(hook, entry.name)
-            entry.model = LoadedModel(
-                entry.name, entry.folder, self.options, cache, self.batch_policy, on_batch
+            return (entry.folder / MODEL_FILE).stat().st_size * LOAD_FACTOR
+        except OSError:
+            return 0
+
+    def _load(self, entry: ModelEntry) -> None:
+        entry.state = ModelState.LOADING
+        try:
+            with self.budget.reserve(self._load_estimate(entry), f"loading model {entry.name}"):
+                cache = self.cache_dir / entry.name if self.cache_dir is not None else None
+                hook = self.on_batch
+                on_batch = None if hook is None else functools.partial(hook, entry.name)
+                model = LoadedModel(
+                    entry.name,
+                    entry.folder,
+                    self.options,
+                    cache,
+                    self.batch_policy,
+                    on_batch,
+                    budget=self.budget,
+                )
+                entry.support = find_support(model)
+            entry.budget_entry = self.budget.admit(
+                "model", entry.name, model.cost_bytes, functools.partial(self._unload, entry)
             )
-            entry.support = find_support(entry.model)
+            entry.model = model
+        except OverBudget as exc:  # no room now: it can load later, when memory frees up
+            entry.state, entry.reason = ModelState.UNLOADED, exc.message
+            log.warning("model %s not loaded: %s", entry.name, exc.message)
+            raise
         except EngineError as exc:
             entry.state, entry.reason = ModelState.FAILED, exc.message
             log.warning("model %s failed to load: %s", entry.name, exc.message)
@@ -92,8 +149,22 @@ class ModelRepository:
             entry.state, entry.reason = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
             log.exception("model %s failed to load", entry.name)
         else:
-            entry.state = ModelState.READY
-            log.info("model %s ready on %s", entry.name, entry.model.session.provider)
+            entry.state, entry.reason = ModelState.LOADED, None
+            log.info("model %s ready on %s", entry.name, model.session.provider)
+            if self.warm:
+                threading.Thread(
+                    target=warm_graphs, args=(model,), name=f"warm-{entry.name}", daemon=True
+                ).start()
+
+    def _unload(self, entry: ModelEntry) -> None:
+        """The budget needs this model's memory (it was the least recently used)."""
+        model = entry.model
+        if model is None:
+            return
+        entry.model, entry.budget_entry = None, None
+        entry.state, entry.reason = ModelState.UNLOADED, None
+        model.sessions.clear()
+        log.info("model %s unloaded to make room in the memory budget", entry.name)
 
     @property
     def loaded(self) -> bool:
@@ -102,7 +173,7 @@ class ModelRepository:
     @property
     def ready(self) -> bool:
         """All models have been tried and at least one serves."""
-        return self.loaded and any(e.state is ModelState.READY for e in self._entries.values())
+        return self.loaded and any(e.serves for e in self._entries.values())
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())
@@ -114,9 +185,29 @@ class ModelRepository:
         return found
 
     def get(self, name: str) -> LoadedModel:
+        """The loaded model `name`, loading it first if it is unloaded (this call blocks)."""
         entry = self.entry(name)
-        if entry.state is ModelState.LOADING:
-            raise ModelNotReady(f"model {name!r} is still loading")
-        if entry.model is None:
+        model = entry.model
+        if model is None and entry.state is ModelState.UNLOADED:
+            with entry.lock:
+                if entry.model is None and entry.state is ModelState.UNLOADED:
+                    self._load(entry)
+                model = entry.model
+        if model is None:
+            if entry.state is ModelState.LOADING:
+                raise ModelNotReady(f"model {name!r} is still loading")
             raise ModelNotReady(f"model {name!r} failed to load: {entry.reason}")
-        return entry.model
+        if entry.budget_entry is not None:
+            self.budget.touch(entry.budget_entry)
+        return model
+
+
+def warm_graphs(model: LoadedModel) -> None:
+    """Build (and persist) the default layer's Grad-CAM, saliency and guided graphs."""
+    for key in model.gradients.warm_keys(model.default_layer):
+        try:
+            model.gradients.session(key)
+        except EngineError as exc:  # unsupported here: the request will say why
+            log.info("model %s: graph %s not warmed: %s", model.name, key, exc.message)
+        except Exception:
+            log.exception("model %s: warming graph %s failed", model.name, key)

@@ -62,11 +62,27 @@ def choose_providers(preference: ProviderPreference) -> list[str]:
 class ModelSession:
     """A thin wrapper over `ort.InferenceSession`: names, provider in use, and `run`."""
 
-    def __init__(self, model: Path | bytes, options: RuntimeOptions) -> None:
+    def __init__(
+        self,
+        model: Path | bytes,
+        options: RuntimeOptions,
+        *,
+        initializers: dict[str, ort.OrtValue] | None = None,
+        optimised: bool = False,
+    ) -> None:
+        """`initializers` replace the graph's own by name (shared between sessions; they must
+        outlive the session); `optimised`: onnxruntime already optimised the graph, for this
+        machine (engines.sessions), so it is not optimised again."""
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            if optimised
+            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        )
+        for name, value in (initializers or {}).items():
+            session_options.add_initializer(name, value)
         session_options.log_severity_level = 3
         if not options.spin_wait:
             session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")

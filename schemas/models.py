@@ -4,18 +4,37 @@ from pydantic import BaseModel, Field
 
 from schemas.model_config import InputSpec
 
-ModelStateName = Literal["loading", "ready", "failed"]
+ModelStateName = Literal["unloaded", "loading", "loaded", "failed"]
 
 
 class ModelSummary(BaseModel):
     name: str
-    state: ModelStateName
-    ready: bool
-    reason: str | None = Field(default=None, description="Why the model is not ready.")
+    state: ModelStateName = Field(
+        description="`unloaded`: not in memory, loads on first use (or was unloaded to make "
+        "room); `loading`; `loaded`; `failed`, with the reason."
+    )
+    ready: bool = Field(description="The model can answer: loaded, or loadable on first use.")
+    reason: str | None = Field(
+        default=None, description="Why the model failed, or why it is not loaded yet."
+    )
+
+
+class MemoryUse(BaseModel):
+    budget_bytes: int = Field(description="The memory budget every cache and batch lives in.")
+    used_bytes: int = Field(description="Resident entries plus work in flight (estimated).")
+    resident_bytes: dict[str, int] = Field(
+        description="Estimated bytes by kind: models, gradient/activation/occlusion/maximize "
+        "sessions."
+    )
+    reserved_bytes: int = Field(description="Held by work in flight (batches, model loads).")
+    evictions: dict[str, int] = Field(description="Entries evicted so far, by kind.")
+    builds_in_flight: int
+    process_resident_bytes: int = Field(description="The process's resident set size now.")
 
 
 class ModelList(BaseModel):
     models: list[ModelSummary]
+    memory: MemoryUse | None = None
 
 
 class Layer(BaseModel):
@@ -26,6 +45,12 @@ class Layer(BaseModel):
         description="Where this feature map keeps its channels, which can differ from the "
         "input's layout (an NHWC model may run NCHW convolutions inside)."
     )
+
+
+class WarmGraph(BaseModel):
+    method: Literal["gradcam", "saliency", "guided_backprop"]
+    layer: str | None = None
+    warm: bool = Field(description="Built and resident: a request does not wait for it.")
 
 
 class MethodSupport(BaseModel):
@@ -58,6 +83,10 @@ class ModelInfo(ModelSummary):
     )
     methods: list[MethodSupport] = Field(
         default_factory=list, description="Per explanation method: supported, or why not."
+    )
+    graphs: list[WarmGraph] = Field(
+        default_factory=list,
+        description="The default layer's gradient graphs, built in the background after load.",
     )
 
 

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from engines.batcher import BatchPolicy
+from engines.memory import MemoryBudget
 from engines.repository import ModelRepository
 from engines.runtime import RuntimeOptions
 from service.auth import ApiKeyMiddleware
@@ -54,6 +55,8 @@ def build_repository(settings: Settings) -> ModelRepository:
             max_rows=settings.max_batch,
             max_queued=settings.max_queue,
         ),
+        budget=MemoryBudget(settings.memory_budget_bytes or None, settings.max_graph_builds),
+        warm=settings.warm_graphs,
     )
 
 
@@ -63,6 +66,7 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
     drain = Drain()
     if repo.on_batch is None:
         repo.on_batch = metrics.on_batch
+    metrics.watch_budget(repo.budget)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -55,6 +55,7 @@ ENGINE_ERROR_STATUS: dict[type[engine_errors.EngineError], int] = {
     engine_errors.TooMuchWork: 422,
     engine_errors.DeadlineExceeded: 504,
     engine_errors.Overloaded: 503,
+    engine_errors.OverBudget: 503,
     engine_errors.InvalidModel: 500,
     engine_errors.InferenceFailed: 500,
 }

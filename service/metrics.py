@@ -6,6 +6,8 @@ exposes it. The request middleware counts requests; routes time their stages wit
 `set_queue_depth` (or `on_batch`, which has `ModelRepository`'s hook signature).
 """
 
+from collections.abc import Iterator
+
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,6 +18,10 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engines.memory import MemoryBudget, resident_bytes
 
 # Seconds: from a cached decode (ms) to an occlusion over a big model (tens of seconds).
 LATENCY_BUCKETS = (
@@ -38,6 +44,55 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 STAGES = ("decode", "queue", "inference", "render")
+# Seconds: a small model's activation graph (tens of ms) to a big model's gradients (a minute).
+BUILD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class BudgetCollector(Collector):
+    """The memory budget's state, read when /metrics is scraped."""
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget = budget
+
+    def collect(self) -> Iterator[Metric]:
+        usage = self.budget.usage()
+        yield GaugeMetricFamily(
+            "onnx_explain_memory_budget_bytes",
+            "The memory budget for models, prepared graphs and batches in flight.",
+            value=usage.limit_bytes,
+        )
+        yield GaugeMetricFamily(
+            "onnx_explain_memory_resident_bytes",
+            "The process's resident set size.",
+            value=resident_bytes(),
+        )
+        cached = GaugeMetricFamily(
+            "onnx_explain_cache_bytes",
+            "Estimated bytes resident under the budget, by kind (model, gradient, activations, "
+            "occlusion, maximize).",
+            labels=["kind"],
+        )
+        for kind, size in sorted(usage.by_kind.items()):
+            cached.add_metric([kind], size)
+        yield cached
+        yield GaugeMetricFamily(
+            "onnx_explain_memory_reserved_bytes",
+            "Bytes held by work in flight (batches, model loads).",
+            value=usage.reserved_bytes,
+        )
+        evicted = CounterMetricFamily(
+            "onnx_explain_evictions",
+            "Entries evicted from the memory budget, by kind.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(usage.evictions.items()):
+            evicted.add_metric([kind], count)
+        yield evicted
+        yield GaugeMetricFamily(
+            "onnx_explain_graph_builds_in_flight",
+            "Graphs being built now.",
+            value=usage.builds_in_flight,
+        )
 
 
 class ServiceMetrics:
@@ -86,6 +141,22 @@ class ServiceMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+
+        self.build_seconds = Histogram(
+            "onnx_explain_graph_build_duration_seconds",
+            "Time to build and load one prepared graph, by kind.",
+            ("kind",),
+            buckets=BUILD_BUCKETS,
+            registry=self.registry,
+        )
+
+    def watch_budget(self, budget: MemoryBudget) -> None:
+        """Expose `budget` and time its builds (one budget per app)."""
+        self.registry.register(BudgetCollector(budget))
+        budget.on_build = self.observe_build
+
+    def observe_build(self, kind: str, seconds: float) -> None:
+        self.build_seconds.labels(kind=kind).observe(max(0.0, seconds))
 
     def observe_stage(self, stage: str, model: str, seconds: float) -> None:
         self.stage_seconds.labels(stage=stage, model=model).observe(max(0.0, seconds))

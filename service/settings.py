@@ -82,6 +82,25 @@ class Settings(BaseSettings):
     max_passes: int = Field(
         default=4096, ge=1, le=1_000_000, description="Forward passes one request may cost."
     )
+    memory_budget_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Memory for loaded models, their prepared graphs and the batches in flight; "
+        "least recently used graphs and models are evicted to stay under it. 0 = 75% of the "
+        "container's memory limit (cgroup), else 50% of the machine's RAM.",
+    )
+    max_graph_builds: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Gradient/activation graphs built at once; a request waits for a slot "
+        "within its deadline, else 503 with Retry-After.",
+    )
+    warm_graphs: bool = Field(
+        default=True,
+        description="Build each model's default-layer Grad-CAM, saliency and guided backprop "
+        "graphs in the background once it loads, so first requests do not wait for them.",
+    )
     occlusion_memory_budget_bytes: int = Field(
         default=512 * 1024 * 1024,
         ge=1024 * 1024,

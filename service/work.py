@@ -7,6 +7,7 @@ import anyio
 
 from engines.deadline import Deadline
 from engines.errors import Overloaded
+from engines.model import LoadedModel
 from service.state import ServiceState
 
 Result = TypeVar("Result")
@@ -38,3 +39,11 @@ async def run_engine(
         return await anyio.to_thread.run_sync(guarded, limiter=state.inference_limiter)
     finally:
         state.in_flight -= 1
+
+
+async def loaded_model(state: ServiceState, name: str) -> LoadedModel:
+    """The model `name`, loaded first (off the event loop) if it is not in memory."""
+    entry = state.repository.entry(name)  # 404 at once for an unknown name
+    if entry.model is not None:
+        return state.repository.get(name)
+    return await anyio.to_thread.run_sync(state.repository.get, name)

@@ -36,7 +36,7 @@ def test_health_and_readiness(tiny_client: TestClient) -> None:
     assert tiny_client.get("/healthz").json() == {"status": "ok"}
     ready = tiny_client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ok", "models": {"broken": "failed", "tiny": "ready"}}
+    assert ready.json() == {"status": "ok", "models": {"broken": "failed", "tiny": "loaded"}}
 
 
 def test_readyz_is_503_until_models_are_loaded(tiny_repository_dir: Path) -> None:

@@ -99,5 +99,5 @@ def test_runs_with_one_seed_per_image_use_the_paired_graph_and_agree(tmp_path: P
         np.testing.assert_allclose(
             paired.grad_layer[row], several.grad_layer[target], rtol=1e-5, atol=1e-7
         )
-    used = {key.paired for key in graphs._sessions}
+    used = {key.paired for key in graphs.sessions.resident_keys("gradient")}  # type: ignore[attr-defined]
     assert used == {True, False}

@@ -103,7 +103,7 @@ def test_repository_serves_the_good_model_beside_a_broken_one(tiny_repository_di
     assert not repository.ready
     repository.load_all()
     states = {e.name: e.state for e in repository.entries()}
-    assert states == {"broken": ModelState.FAILED, "tiny": ModelState.READY}
+    assert states == {"broken": ModelState.FAILED, "tiny": ModelState.LOADED}
     assert repository.ready
     assert "not a valid ONNX file" in (repository.entry("broken").reason or "")
     assert repository.get("tiny").num_classes == 3
@@ -123,4 +123,4 @@ def test_missing_config_fails_that_model_only(tmp_path: Path) -> None:
     entry = repository.entry("noconfig")
     assert entry.state is ModelState.FAILED
     assert "config.json" in (entry.reason or "")
-    assert repository.entry("good").state is ModelState.READY
+    assert repository.entry("good").state is ModelState.LOADED

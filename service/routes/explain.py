@@ -15,7 +15,7 @@ from service.inputs import describe_validation_error, read_image_request
 from service.observability import label_request, observe_stages
 from service.routes.models import WORK_ERRORS, ModelName
 from service.state import State
-from service.work import run_engine
+from service.work import loaded_model, run_engine
 
 router = APIRouter(prefix="/v1/models", tags=["explain"])
 
@@ -87,7 +87,7 @@ EXPLAIN_REQUEST_BODY: dict[str, object] = {
 )
 async def explain(name: ModelName, request: Request, state: State) -> ExplainResponse:
     started = time.perf_counter()
-    model = state.repository.get(name)
+    model = await loaded_model(state, name)
     parsed, image_bytes = await read_image_request(request, ExplainRequest)
     label_request(request, parsed.method)
     explainer = EXPLAINERS[parsed.method]

@@ -30,7 +30,7 @@ from schemas.insight import (
 from service.inputs import read_image_request
 from service.routes.models import ERRORS, WORK_ERRORS, ModelName
 from service.state import State
-from service.work import run_engine
+from service.work import loaded_model, run_engine
 
 router = APIRouter(prefix="/v1/models", tags=["insight"])
 
@@ -117,7 +117,7 @@ def _summary(model: LoadedModel) -> insight.Summary:
 async def model_summary(
     name: ModelName, request: Request, state: State
 ) -> ModelSummaryTable | PlainTextResponse:
-    model = state.repository.get(name)
+    model = await loaded_model(state, name)
     summary = await run_engine(state, None, functools.partial(_summary, model))
     if prefers_text(request.headers.get("accept", "")):
         return PlainTextResponse(insight.summary_text(summary, name))
@@ -171,7 +171,7 @@ async def filters(
         Query(max_length=2, description="`png`, `array`, or both (repeat the parameter)."),
     ] = None,
 ) -> FiltersResponse:
-    model = state.repository.get(name)
+    model = await loaded_model(state, name)
     formats = set(format or ["png"])
     conv, page, grid = await run_engine(
         state, None, functools.partial(_filters, model, layer, offset, limit, formats)
@@ -236,7 +236,7 @@ def _activations(
     summary="Feature maps of 1-8 layers for one image, as PNG grids or float32 arrays.",
 )
 async def activations(name: ModelName, request: Request, state: State) -> ActivationsResponse:
-    model = state.repository.get(name)
+    model = await loaded_model(state, name)
     parsed, image_bytes = await read_image_request(request, ActivationsRequest)
     image = await anyio.to_thread.run_sync(decode_image, image_bytes, state.image_limits)
     layers = await run_engine(

@@ -22,7 +22,7 @@ from service.errors import InvalidRequest, UnsupportedMediaType
 from service.inputs import describe_validation_error
 from service.routes.models import WORK_ERRORS, ModelName
 from service.state import ServiceState, State
-from service.work import run_engine
+from service.work import loaded_model, run_engine
 
 router = APIRouter(prefix="/v1/models", tags=["maximize"])
 
@@ -159,7 +159,7 @@ async def maximize_class(
     name: ModelName, request: Request, state: State
 ) -> MaximizeResponse | StreamingResponse:
     started = time.perf_counter()
-    model = state.repository.get(name)
+    model = await loaded_model(state, name)
     parsed = await _read_request(request)
     if parsed.layer is None:
         target = model.resolve_target(parsed.target)

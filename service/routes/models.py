@@ -1,18 +1,28 @@
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Request
 
 from engines.images import decode_image
+from engines.memory import MemoryBudget, resident_bytes
+from engines.model import LoadedModel
 from engines.model import Prediction as EnginePrediction
-from engines.repository import ModelEntry, ModelState
+from engines.repository import ModelEntry
 from schemas.errors import ErrorResponse
-from schemas.models import Layer, MethodSupport, ModelInfo, ModelList, ModelSummary
+from schemas.models import (
+    Layer,
+    MemoryUse,
+    MethodSupport,
+    ModelInfo,
+    ModelList,
+    ModelSummary,
+    WarmGraph,
+)
 from schemas.predict import Prediction, PredictRequest, PredictResponse
 from service.inputs import read_image_request
 from service.observability import observe_stages
 from service.state import State
-from service.work import run_engine
+from service.work import loaded_model, run_engine
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -53,16 +63,46 @@ IMAGE_REQUEST_BODY: dict[str, object] = {
 
 def _summary(entry: ModelEntry) -> ModelSummary:
     return ModelSummary(
-        name=entry.name,
-        state=entry.state.value,
-        ready=entry.state is ModelState.READY,
-        reason=entry.reason,
+        name=entry.name, state=entry.state.value, ready=entry.serves, reason=entry.reason
     )
+
+
+def _memory(budget: MemoryBudget) -> MemoryUse:
+    usage = budget.usage()
+    return MemoryUse(
+        budget_bytes=usage.limit_bytes,
+        used_bytes=usage.resident_bytes + usage.reserved_bytes,
+        resident_bytes=usage.by_kind,
+        reserved_bytes=usage.reserved_bytes,
+        evictions=usage.evictions,
+        builds_in_flight=usage.builds_in_flight,
+        process_resident_bytes=resident_bytes(),
+    )
+
+
+def _graphs(model: LoadedModel) -> list[WarmGraph]:
+    keys = model.gradients.warm_keys(model.default_layer)
+    methods: dict[tuple[bool, bool], Literal["gradcam", "saliency", "guided_backprop"]] = {
+        (False, False): "gradcam",
+        (True, False): "saliency",
+        (True, True): "guided_backprop",
+    }
+    return [
+        WarmGraph(
+            method=methods[(key.wrt_input, key.guided)],
+            layer=key.layer,
+            warm=model.gradients.resident(key),
+        )
+        for key in keys
+    ]
 
 
 @router.get("", response_model=ModelList, summary="Every model in the repository.")
 async def list_models(state: State) -> ModelList:
-    return ModelList(models=[_summary(e) for e in state.repository.entries()])
+    repository = state.repository
+    return ModelList(
+        models=[_summary(e) for e in repository.entries()], memory=_memory(repository.budget)
+    )
 
 
 @router.get("/{name}", response_model=ModelInfo, responses=ERRORS, summary="One model's details.")
@@ -95,6 +135,7 @@ async def model_info(name: ModelName, state: State) -> ModelInfo:
                 MethodSupport(method=s.method, supported=s.supported, reason=s.reason)
                 for s in entry.support
             ],
+            "graphs": _graphs(model),
         }
     )
 
@@ -108,7 +149,7 @@ async def model_info(name: ModelName, state: State) -> ModelInfo:
 )
 async def predict(name: ModelName, request: Request, state: State) -> PredictResponse:
     started = time.perf_counter()
-    model = state.repository.get(name)
+    model = await loaded_model(state, name)
     parsed, image_bytes = await read_image_request(request, PredictRequest)
     times: dict[str, float] = {}
 
