@@ -83,14 +83,22 @@ _watchdog = _Watchdog()
 
 
 @contextmanager
-def guarded_run() -> Iterator[ort.RunOptions | None]:
-    """RunOptions for one session run under the thread's deadline (None when there is none)."""
+def guarded_run(release_memory: bool = False) -> Iterator[ort.RunOptions | None]:
+    """RunOptions for one session run under the thread's deadline (None when there is none
+    and nothing else is asked). `release_memory`: the CPU arena gives back what the run grew
+    it by (a batch's activations would otherwise stay with the arena for good)."""
     deadline = current_deadline()
-    if deadline is None or deadline.seconds == float("inf"):
+    unbounded = deadline is None or deadline.seconds == float("inf")
+    if unbounded and not release_memory:
         yield None
         return
-    deadline.check()
     options = ort.RunOptions()
+    if release_memory:
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    if deadline is None or unbounded:
+        yield options
+        return
+    deadline.check()
     _watchdog.watch(deadline.expires_at, options)
     try:
         yield options

@@ -167,7 +167,7 @@ class LoadedModel:
         try:
             normalized = self._normalized(original, model_path)
             graph_bytes = normalized.model.SerializeToString()
-            forward = build_session(graph_bytes, options, self.weights, 0)
+            forward = build_session(graph_bytes, options, self.weights)
         except Exception as exc:  # a model that ran as exported must not be lost to a rewrite
             reason = exc.message if isinstance(exc, EngineError) else type(exc).__name__
             log.warning("model %s is served as exported: normalising it failed: %s", name, reason)
@@ -175,7 +175,7 @@ class LoadedModel:
             batch: BatchMode = "one_row" if fixed_batch_of_one(data_input) else "free"
             normalized = Normalized(original, batch)
             graph_bytes = original.SerializeToString()
-            forward = build_session(graph_bytes, options, self.weights, 0)
+            forward = build_session(graph_bytes, options, self.weights)
         self.session = forward.session
         self.graph: onnx.ModelProto = normalized.model
         """The normalised model (engines.graphs.normalize) that every session runs."""
@@ -185,7 +185,8 @@ class LoadedModel:
         self.activation_bytes = activation_bytes(self.graph)
         """What one image's forward run computes (estimated); gradient graphs hold about twice."""
         self.cost_bytes = self.weights.bytes + forward.cost_bytes + self.activation_bytes
-        """What the loaded model holds before any prepared graph: weights, forward session."""
+        """What the loaded model holds before any prepared graph: weights, the forward session
+        and its arena (kept: batched forward runs are occlusion's throughput)."""
         self.sessions = ModelSessions(name, options, self.budget, self.weights)
         if self.input_name not in self.session.input_names:
             raise InvalidModel(f"config names input {self.input_name!r}, the model has none")

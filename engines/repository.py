@@ -99,7 +99,8 @@ class ModelRepository:
         self._entries = entries
 
     def load_all(self) -> None:
-        """Load the models in order while the budget has room; the rest load on first use."""
+        """Load the models in order while the budget has room (with their graphs warm); the rest
+        load on first use."""
         for entry in self._entries.values():
             needed = self._load_estimate(entry)
             usage = self.budget.usage()
@@ -107,7 +108,7 @@ class ModelRepository:
                 entry.state = ModelState.UNLOADED
                 continue
             with entry.lock, contextlib.suppress(OverBudget):
-                self._load(entry)
+                self._load(entry, warm_in_background=False)
         self._loaded.set()
 
     @staticmethod
@@ -117,7 +118,9 @@ class ModelRepository:
         except OSError:
             return 0
 
-    def _load(self, entry: ModelEntry) -> None:
+    def _load(self, entry: ModelEntry, warm_in_background: bool = True) -> None:
+        """Load one model; at start-up its graphs are warmed before readiness, later (a load
+        on first use) in the background, so that request does not wait for them."""
         entry.state = ModelState.LOADING
         try:
             with self.budget.reserve(self._load_estimate(entry), f"loading model {entry.name}"):
@@ -151,10 +154,12 @@ class ModelRepository:
         else:
             entry.state, entry.reason = ModelState.LOADED, None
             log.info("model %s ready on %s", entry.name, model.session.provider)
-            if self.warm:
+            if self.warm and warm_in_background:
                 threading.Thread(
                     target=warm_graphs, args=(model,), name=f"warm-{entry.name}", daemon=True
                 ).start()
+            elif self.warm:
+                warm_graphs(model)
 
     def _unload(self, entry: ModelEntry) -> None:
         """The budget needs this model's memory (it was the least recently used)."""

@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from engines.deadline import guarded_run
 from engines.errors import InferenceFailed, InvalidModel
+from engines.memory import MemoryBudget
 
 ProviderPreference = Literal["auto", "cpu", "cuda"]
 
@@ -49,6 +50,25 @@ def cuda_usable() -> bool:
     return True
 
 
+@functools.cache
+def _shared_cpu_arena() -> bool:
+    """One CPU arena in onnxruntime's environment for every session that asks for it.
+
+    A session's own arena keeps its largest run's activations for as long as the session
+    lives; sessions on the shared arena reuse the same memory, so many prepared graphs cost
+    one peak between them (without an arena, every run pays fresh page faults: saliency on
+    EfficientNet-Lite0 ran 2.3x slower).
+    """
+    try:
+        memory = ort.OrtMemoryInfo(
+            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+        )
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))
+    except Exception:  # an onnxruntime without it: sessions keep arenas of their own
+        return False
+    return True
+
+
 def choose_providers(preference: ProviderPreference) -> list[str]:
     if preference == "cpu":
         return [_CPU]
@@ -57,6 +77,19 @@ def choose_providers(preference: ProviderPreference) -> list[str]:
     if preference == "cuda":
         raise InvalidModel("CUDA was required by the settings but no usable CUDA was found")
     return [_CPU]
+
+
+def _rows(feeds: dict[str, np.ndarray]) -> int:
+    """The images in a run: the batch of its image-shaped (4-D or more) feeds."""
+    return max((v.shape[0] for v in feeds.values() if v.ndim >= 4), default=1)
+
+
+@dataclass(frozen=True)
+class RunMemory:
+    """What one image's run of a session holds, reserved from `budget` while it runs."""
+
+    budget: MemoryBudget
+    bytes_per_row: int
 
 
 class ModelSession:
@@ -69,11 +102,19 @@ class ModelSession:
         *,
         initializers: dict[str, ort.OrtValue] | None = None,
         optimised: bool = False,
+        arena: bool = True,
+        work: RunMemory | None = None,
     ) -> None:
         """`initializers` replace the graph's own by name (shared between sessions; they must
         outlive the session); `optimised`: onnxruntime already optimised the graph, for this
-        machine (engines.sessions), so it is not optimised again."""
+        machine (engines.sessions), so it is not optimised again; `arena`: keep onnxruntime's
+        memory arena, which holds a run's peak activations until the session goes (fastest
+        for batches; off, activations are freed after each run); `work`: each run reserves
+        its activations from a memory budget."""
+        self.work = work
         session_options = ort.SessionOptions()
+        if not arena and _shared_cpu_arena():
+            session_options.add_session_config_entry("session.use_env_allocators", "1")
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
         session_options.graph_optimization_level = (
@@ -115,7 +156,17 @@ class ModelSession:
     def run(
         self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None
     ) -> list[np.ndarray]:
-        with guarded_run() as run_options:
+        if self.work is None:
+            return self._run(feeds, output_names)
+        with self.work.budget.reserve(_rows(feeds) * self.work.bytes_per_row, "a run"):
+            return self._run(feeds, output_names)
+
+    def _run(
+        self, feeds: dict[str, np.ndarray], output_names: list[str] | None
+    ) -> list[np.ndarray]:
+        # A batch's activations leave the arena after the run: what stays between runs is one
+        # image's worth, which the budget counts with the session.
+        with guarded_run(release_memory=_rows(feeds) > 1) as run_options:
             try:
                 outputs = self._session.run(output_names, feeds, run_options)
             except Exception as exc:

@@ -30,7 +30,7 @@ from onnx import numpy_helper
 
 from engines.errors import InvalidModel
 from engines.memory import MemoryBudget
-from engines.runtime import ModelSession, RuntimeOptions, choose_providers
+from engines.runtime import ModelSession, RunMemory, RuntimeOptions, choose_providers
 
 log = logging.getLogger(__name__)
 
@@ -93,29 +93,68 @@ def _prepacked_bytes(model: onnx.ModelProto) -> int:
     )
 
 
+SESSION_OVERHEAD_BYTES = 1 << 20
+"""A session's graph, kernels and plans, beyond weights and activations (measured ~0.5-1 MiB)."""
+
+
+def _read_matrices_unpacked(model: onnx.ModelProto) -> None:
+    """Gemm/MatMul read their constant matrices through an Identity.
+
+    onnxruntime's CPU kernels repack a constant B matrix for themselves, a copy per session
+    (5 MiB for a 1280x1000 classifier head) that cannot be shared; through an Identity, which
+    aliases its input (the graph is not optimised again), B is not constant and is read as is.
+    """
+    matrices = {t.name for t in model.graph.initializer if len(t.dims) == 2}
+    readers = ("Gemm", "MatMul", "FusedGemm", "FusedMatMul")
+    aliases: dict[str, str] = {}
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if node.op_type in readers and len(node.input) > 1 and node.input[1] in matrices:
+            weight = node.input[1]
+            if weight not in aliases:
+                aliases[weight] = f"{weight}/unpacked"
+                nodes.append(onnx.helper.make_node("Identity", [weight], [aliases[weight]]))
+            node.input[1] = aliases[weight]
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 def build_session(
     source: GraphSource,
     options: RuntimeOptions,
     weights: SharedWeights | None,
-    activation_bytes: int,
+    *,
+    arena: bool = True,
+    work: RunMemory | None = None,
 ) -> Built:
-    """A session of `source`, reading shared weights where it can (see the module's note)."""
+    """A session of `source`, reading shared weights where it can (see the module's note).
+
+    Its cost counts what it holds between runs: weights of its own, prepacked copies, and (with
+    `arena`) one image's activations; `work` reserves each run's activations while it runs."""
+    held = SESSION_OVERHEAD_BYTES + (work.bytes_per_row if arena and work is not None else 0)
     if weights is None or choose_providers(options.providers) != ["CPUExecutionProvider"]:
         model = _load(source)
         weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
         plain = source if isinstance(source, Path | bytes) else source.SerializeToString()
-        return Built(ModelSession(plain, options), weight_bytes + activation_bytes)
+        session = ModelSession(plain, options, arena=arena, work=work)
+        return Built(session, weight_bytes + held)
     try:
-        return _shared_session(source, options, weights, activation_bytes)
+        return _shared_session(source, options, weights, arena, work, held)
     except InvalidModel:
         raise
     except Exception as exc:  # sharing is an optimisation: a graph it trips on runs as it is
         log.warning("graph runs without shared weights: %s: %s", type(exc).__name__, exc)
-        return build_session(source, options, None, activation_bytes)
+        return build_session(source, options, None, arena=arena, work=work)
 
 
 def _shared_session(
-    source: GraphSource, options: RuntimeOptions, weights: SharedWeights, activation_bytes: int
+    source: GraphSource,
+    options: RuntimeOptions,
+    weights: SharedWeights,
+    arena: bool,
+    work: RunMemory | None,
+    held: int,
 ) -> Built:
     with tempfile.TemporaryDirectory(prefix="onnx-explain-optimise-") as folder:
         optimised_path = Path(folder) / "optimised.onnx"
@@ -147,11 +186,15 @@ def _shared_session(
                 continue
             array = numpy_helper.to_array(tensor, base_dir=folder)
             shared[tensor.name] = weights.share(array)
+        if not arena:
+            _read_matrices_unpacked(optimised)
         # The graph keeps its external references (the file exists until the session is
         # made), but every one of them is supplied by an OrtValue, so none is read.
         onnx.save(optimised, str(optimised_path))
-        session = ModelSession(optimised_path, options, initializers=shared, optimised=True)
-    return Built(session, _prepacked_bytes(optimised) + activation_bytes)
+        session = ModelSession(
+            optimised_path, options, initializers=shared, optimised=True, arena=arena, work=work
+        )
+    return Built(session, _prepacked_bytes(optimised) + held)
 
 
 class ModelSessions:
@@ -181,7 +224,10 @@ class ModelSessions:
     ) -> ModelSession:
         """The session of `(kind, key)`, built from `make()` if it is not resident.
 
-        `activation_bytes`: what one image's run holds (estimated), counted with the session."""
+        `activation_bytes`: what one image's run holds (estimated), reserved from the budget
+        while a run holds it. Prepared sessions run without onnxruntime's arena, so between
+        runs they hold little beyond their graph: many fit where each would otherwise keep its
+        largest run's activations (EfficientNet-Lite0: 20-50 MiB a graph)."""
         slot = (kind, key)
         with self._lock:
             found = self._sessions.get(slot)
@@ -197,7 +243,8 @@ class ModelSessions:
                     return found[0]
             with self.budget.build_slot(kind):
                 source = make()
-                built = build_session(source, self.options, self.weights, activation_bytes)
+                work = RunMemory(self.budget, activation_bytes)
+                built = build_session(source, self.options, self.weights, arena=False, work=work)
             entry = self.budget.admit(
                 kind, self.owner, built.cost_bytes, lambda: self._forget(slot)
             )
