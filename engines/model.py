@@ -230,6 +230,13 @@ class LoadedModel:
             return normalized
         return normalize(original, self.input_name, spatial, rewrite_batch=False)
 
+    def rows_per_run(self, most: int, bytes_per_row: int) -> int:
+        """Rows a batched method puts in one run: at most `most`, and what the budget has free
+        for runs holding `bytes_per_row` each now (at least 1; a row that cannot fit is
+        refused by the run's own reservation)."""
+        free = self.budget.available_for_work()
+        return max(1, min(most, free // max(1, bytes_per_row)))
+
     @property
     def one_row_per_run(self) -> bool:
         """The model's batch is fixed at 1 (and could not be made free)."""

@@ -199,7 +199,9 @@ class Occlusion(Explainer):
             if params.score != "feature_dip":
                 clean = clean[:, targets]
 
-            batch = batch_size(tensor[0].nbytes, limits.memory_budget_bytes)
+            batch = model.rows_per_run(
+                batch_size(tensor[0].nbytes, limits.memory_budget_bytes), model.activation_bytes
+            )
             maps_count = 1 if params.score == "feature_dip" else len(targets)
             impulses = np.zeros((maps_count, height, width), dtype=np.float64)
             on_device = (

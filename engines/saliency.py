@@ -113,8 +113,9 @@ def mean_input_gradient(model: LoadedModel, rows: np.ndarray, target: int) -> np
     """The gradient of `target` at each row of `rows`, averaged, channels first (C, H, W)."""
     key = GraphKey(layer=None, wrt_input=True, guided=False, top_k_seeds=False)
     total: np.ndarray | None = None
-    for start in range(0, rows.shape[0], CHUNK_ROWS):
-        chunk = rows[start : start + CHUNK_ROWS]
+    per_run = model.rows_per_run(CHUNK_ROWS, model.gradients.activation_bytes)
+    for start in range(0, rows.shape[0], per_run):
+        chunk = rows[start : start + per_run]
         seeds = seeds_for([target] * chunk.shape[0], model.num_classes)
         run = model.gradients.run(key, model.input_name, chunk, seeds=seeds)
         assert run.grad_input is not None
