@@ -312,7 +312,11 @@ class GradientGraphs:
             self.check_layer(key.layer)
         try:
             return self.sessions.get(
-                "gradient", key, lambda: self._locate_or_build(key), self.activation_bytes
+                "gradient",
+                key,
+                lambda: self._locate_or_build(key),
+                self.activation_bytes,
+                seeds=(SEED_INPUT, TOP_K_INPUT, TARGETS_OUTPUT),
             )
         except InvalidModel as exc:  # the model loaded; it is this graph that cannot
             raise UnsupportedModel(

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import tempfile
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from engines.errors import InvalidModel
+from engines.graphs.schedule import seed_free_first
 from engines.memory import MemoryBudget
 from engines.runtime import ModelSession, RunMemory, RuntimeOptions, choose_providers
 
@@ -127,11 +128,14 @@ def build_session(
     *,
     arena: bool = True,
     work: RunMemory | None = None,
+    seeds: Collection[str] = (),
 ) -> Built:
     """A session of `source`, reading shared weights where it can (see the module's note).
 
     Its cost counts what it holds between runs: weights of its own, prepacked copies, and (with
-    `arena`) one image's activations; `work` reserves each run's activations while it runs."""
+    `arena`) one image's activations; `work` reserves each run's activations while it runs.
+    `seeds`: a gradient graph's seed tensors; what does not depend on them is scheduled first
+    (engines.graphs.schedule)."""
     held = SESSION_OVERHEAD_BYTES + (work.bytes_per_row if arena and work is not None else 0)
     if weights is None or choose_providers(options.providers) != ["CPUExecutionProvider"]:
         model = _load(source)
@@ -140,12 +144,12 @@ def build_session(
         session = ModelSession(plain, options, arena=arena, work=work)
         return Built(session, weight_bytes + held)
     try:
-        return _shared_session(source, options, weights, arena, work, held)
+        return _shared_session(source, options, weights, arena, work, held, seeds)
     except InvalidModel:
         raise
     except Exception as exc:  # sharing is an optimisation: a graph it trips on runs as it is
         log.warning("graph runs without shared weights: %s: %s", type(exc).__name__, exc)
-        return build_session(source, options, None, arena=arena, work=work)
+        return build_session(source, options, None, arena=arena, work=work, seeds=seeds)
 
 
 def _shared_session(
@@ -155,6 +159,7 @@ def _shared_session(
     arena: bool,
     work: RunMemory | None,
     held: int,
+    seeds: Collection[str],
 ) -> Built:
     with tempfile.TemporaryDirectory(prefix="onnx-explain-optimise-") as folder:
         optimised_path = Path(folder) / "optimised.onnx"
@@ -188,6 +193,8 @@ def _shared_session(
             shared[tensor.name] = weights.share(array)
         if not arena:
             _read_matrices_unpacked(optimised)
+        if seeds:
+            seed_free_first(optimised.graph, seeds)
         # The graph keeps its external references (the file exists until the session is
         # made), but every one of them is supplied by an OrtValue, so none is read.
         onnx.save(optimised, str(optimised_path))
@@ -221,6 +228,7 @@ class ModelSessions:
         key: Hashable,
         make: Callable[[], GraphSource],
         activation_bytes: int,
+        seeds: Collection[str] = (),
     ) -> ModelSession:
         """The session of `(kind, key)`, built from `make()` if it is not resident.
 
@@ -244,7 +252,9 @@ class ModelSessions:
             with self.budget.build_slot(kind):
                 source = make()
                 work = RunMemory(self.budget, activation_bytes)
-                built = build_session(source, self.options, self.weights, arena=False, work=work)
+                built = build_session(
+                    source, self.options, self.weights, arena=False, work=work, seeds=seeds
+                )
             entry = self.budget.admit(
                 kind, self.owner, built.cost_bytes, lambda: self._forget(slot)
             )
