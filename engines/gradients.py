@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from engines.batcher import BatchPolicy, MicroBatcher
 from engines.errors import InvalidModel, InvalidParameters, UnsupportedModel
@@ -208,12 +208,54 @@ def _head_weight(
     return (producer.input[0], 1) if list(perm) == [1, 0] else None
 
 
+TENSORS_FOLDER = "tensors"
+STORED_APART_BYTES = 1024
+"""Initializers from this size on are stored once per content, beside the graph files."""
+
+
 def write_atomically(model: onnx.ModelProto, path: Path) -> None:
+    """Save `model` at `path`, its large initializers as files named by their content.
+
+    Every graph of a model holds the model's weights and often the same derived ones (a
+    kernel flipped for the backward pass): each distinct tensor is written once, in
+    `tensors/` beside the graph files, and the graphs refer to it as external data, so a
+    second graph on disk costs its structure, not another copy of the weights. `model` is
+    changed in place (its initializers become references)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    store = path.parent / TENSORS_FOLDER
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            continue
+        data = numpy_helper.to_array(tensor).tobytes()
+        if len(data) < STORED_APART_BYTES:
+            continue
+        location = f"{TENSORS_FOLDER}/{hashlib.sha256(data).hexdigest()}.bin"
+        if not (path.parent / location).is_file():
+            _write_file_atomically(store, path.parent / location, data)
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+            tensor.ClearField(field)
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("length", str(len(data)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = TensorProto.EXTERNAL
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
     os.close(handle)
     try:
         onnx.save(model, temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _write_file_atomically(folder: Path, path: Path, data: bytes) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:

@@ -5,6 +5,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from engines.memory import MemoryBudget, resident_bytes
 from engines.methods import EXPLAINERS
 from engines.model import LoadedModel
 from engines.repository import ModelRepository, ModelState
+from engines.runtime import ModelSession
+from engines.saliency import mean_input_gradient
 from schemas.params import CamParams
 from service.app import create_app
 from service.settings import Settings
@@ -237,3 +240,32 @@ def test_a_burst_over_many_layers_under_a_small_budget_gets_200s_or_503s(
             client.post("/v1/models/efficientnet-lite0/predict", json={"image": image}).status_code
             == 200
         )
+
+
+def test_smoothgrad_batches_shrink_to_what_the_budget_has_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big job holding most of the budget leaves room for five rows a run: smoothgrad runs
+    its 40 noisy copies five at a time and gets the map it gets with the budget to itself."""
+    budget = MemoryBudget(256 * MIB)
+    folder = write_model_folder(tmp_path / "tiny", size=224)
+    model = LoadedModel("tiny", folder, CPU, budget=budget)
+    rows = np.random.default_rng(0).standard_normal((40, 3, 224, 224)).astype(np.float32)
+    seen: list[int] = []
+    run = ModelSession.run
+
+    def counting_run(self: ModelSession, feeds: dict[str, np.ndarray], *rest: Any) -> Any:
+        seen.append(max(v.shape[0] for v in feeds.values() if v.ndim == 4))
+        return run(self, feeds, *rest)
+
+    monkeypatch.setattr(ModelSession, "run", counting_run)
+    alone = mean_input_gradient(model, rows, target=1)
+    assert seen == [16, 16, 8]  # CHUNK_ROWS when the budget is free
+    per_row = model.gradients.activation_bytes
+    held = budget.limit_bytes - budget.usage().resident_bytes - 5 * per_row
+    seen.clear()
+    with budget.reserve(held, "another job"):
+        squeezed = mean_input_gradient(model, rows, target=1)
+        assert budget.usage().evictions == {}  # the graph stayed; only the batches shrank
+    assert seen == [5] * 8
+    np.testing.assert_allclose(squeezed, alone, rtol=1e-5, atol=1e-7)

@@ -5,6 +5,8 @@ import stat
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from engines.gradients import GraphKey
@@ -101,3 +103,41 @@ def test_runs_with_one_seed_per_image_use_the_paired_graph_and_agree(tmp_path: P
         )
     used = {key.paired for key in graphs.sessions.resident_keys("gradient")}  # type: ignore[attr-defined]
     assert used == {True, False}
+
+
+def test_graphs_on_disk_share_one_copy_of_each_weight(
+    tmp_path: Path, default_model_dir: Path
+) -> None:
+    """Two gradient graphs of the default model in the cache: each distinct tensor is stored
+    once, so the second graph costs its structure and its own derived tensors only."""
+    cache = tmp_path / "cache"
+    folder = default_model_dir / "efficientnet-lite0"
+    model = LoadedModel("efficientnet-lite0", folder, CPU, cache_dir=cache)
+    saliency = GraphKey(None, wrt_input=True, guided=False, top_k_seeds=True, paired=True)
+    cam = GraphKey(
+        model.default_layer, wrt_input=False, guided=False, top_k_seeds=True, paired=True
+    )
+    tensors = cache / "tensors"
+    model.gradients.session(saliency)
+    after_first = {p.name: p.stat().st_size for p in tensors.iterdir()}
+    model.gradients.session(cam)
+    after_second = {p.name: p.stat().st_size for p in tensors.iterdir()}
+    graph_files = sorted(cache.glob("*.onnx"))
+    assert len(graph_files) == 2
+    model_bytes = (folder / "model.onnx").stat().st_size
+    assert all(p.stat().st_size < model_bytes / 20 for p in graph_files)  # structure only
+    new = sum(size for name, size in after_second.items() if name not in after_first)
+    assert new < 0.2 * sum(after_first.values())  # the second graph reuses the first's tensors
+    # The cached graph, read back with its external tensors, computes what the built one does.
+    tensor = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    cached = onnx.load(str(cache / saliency.file_name(model.graph_sha256)))
+    built = model.gradients.build(saliency)
+    feeds = {model.input_name: tensor}
+    got = ort.InferenceSession(cached.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )
+    expected = ort.InferenceSession(
+        built.SerializeToString(), providers=["CPUExecutionProvider"]
+    ).run(None, feeds)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
