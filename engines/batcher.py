@@ -90,10 +90,6 @@ class MicroBatcher(Generic[Item, Result]):
         self._condition = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
-
     def submit(self, item: Item, rows: int = 1) -> Result:
         deadline = current_deadline()
         if deadline is not None:

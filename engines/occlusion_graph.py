@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from engines.graphs.normalize import opset_of
+
 PREFIX = "occlusion/"
 IMAGE = PREFIX + "image"
 BASELINE = PREFIX + "baseline"
@@ -15,10 +17,6 @@ TOPS = PREFIX + "tops"
 LEFTS = PREFIX + "lefts"
 WINDOW = PREFIX + "window"
 LAYER_MEANS = PREFIX + "layer_means"
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
 
 def build_occlusion_model(
@@ -104,7 +102,7 @@ def build_occlusion_model(
 
     if layer is not None:
         spatial = list(layer_spatial_axes)
-        if _opset(wrapped) >= 18:
+        if opset_of(wrapped) >= 18:
             axes = numpy_helper.from_array(np.array(spatial, dtype=np.int64), PREFIX + "axes")
             graph.initializer.append(axes)
             graph.node.append(

@@ -149,10 +149,6 @@ class ModelSession:
         """The provider that actually runs the graph (onnxruntime may fall back to CPU)."""
         return str(self._session.get_providers()[0])
 
-    @property
-    def input_shapes(self) -> dict[str, list[int | str | None]]:
-        return {i.name: list(i.shape) for i in self._session.get_inputs()}
-
     def run(
         self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None
     ) -> list[np.ndarray]:

@@ -13,7 +13,6 @@ from fastapi.staticfiles import StaticFiles
 from engines.batcher import BatchPolicy
 from engines.memory import MemoryBudget
 from engines.repository import ModelRepository
-from engines.runtime import RuntimeOptions
 from service.auth import ApiKeyMiddleware
 from service.errors import install_error_handlers
 from service.explaining import image_limits, work_limits
@@ -41,12 +40,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 def build_repository(settings: Settings) -> ModelRepository:
     return ModelRepository(
         settings.model_repository,
-        RuntimeOptions(
-            providers=settings.providers,
-            intra_op_threads=settings.threads_per_session,
-            inter_op_threads=settings.inter_op_threads,
-            spin_wait=settings.spin_wait,
-        ),
+        settings.runtime_options(),
         cache_dir=settings.cache_dir,
         batch_policy=BatchPolicy(
             window_seconds=(

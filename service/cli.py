@@ -284,15 +284,11 @@ def _local_request(call: _ExplainCall) -> "ExplainRequest":
 def _load_model(name: str, repository: Path, settings: Settings) -> "LoadedModel":
     from engines.model import MODEL_FILE, LoadedModel
     from engines.repository import MODEL_NAME_PATTERN
-    from engines.runtime import RuntimeOptions
 
     folder = repository / name
     if not MODEL_NAME_PATTERN.fullmatch(name) or not (folder / MODEL_FILE).is_file():
         raise _Failure(f"no model named {name!r} in {repository}")
-    options = RuntimeOptions(
-        settings.providers, settings.intra_op_threads, settings.inter_op_threads
-    )
-    return LoadedModel(name, folder, options, settings.cache_dir / name)
+    return LoadedModel(name, folder, settings.runtime_options(), settings.cache_dir / name)
 
 
 def _local_explainer(method: str, progress: bool) -> "Explainer":

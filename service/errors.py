@@ -38,11 +38,6 @@ class BodyTooLarge(ServiceError):
     code = "body_too_large"
 
 
-class NotReady(ServiceError):
-    status_code = 503
-    code = "not_ready"
-
-
 ENGINE_ERROR_STATUS: dict[type[engine_errors.EngineError], int] = {
     engine_errors.ModelNotFound: 404,
     engine_errors.ModelNotReady: 503,

@@ -43,7 +43,6 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-STAGES = ("decode", "queue", "inference", "render")
 # Seconds: a small model's activation graph (tens of ms) to a big model's gradients (a minute).
 BUILD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -118,7 +117,7 @@ class ServiceMetrics:
         )
         self.stage_seconds = Histogram(
             "onnx_explain_stage_duration_seconds",
-            "Time spent in one stage of a request: decode, queue, inference or render.",
+            "Time spent in one stage of a request: decode, inference or render.",
             ("stage", "model"),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,

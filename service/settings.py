@@ -2,12 +2,15 @@
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.keys import check_api_keys, split_api_keys
+
+if TYPE_CHECKING:  # onnxruntime loads with engines.runtime: not for every CLI command
+    from engines.runtime import RuntimeOptions
 
 
 def cores() -> int:
@@ -156,3 +159,14 @@ class Settings(BaseSettings):
         # on 2 cores a served Grad-CAM ran as fast with one onnxruntime thread as with two,
         # since the threads otherwise fight the request handling for the same cores.
         return self.intra_op_threads or max(1, (cores() - 1) // self.workers)
+
+    def runtime_options(self) -> "RuntimeOptions":
+        """How sessions run, for the service and for `onnx-explain explain --local` alike."""
+        from engines.runtime import RuntimeOptions
+
+        return RuntimeOptions(
+            providers=self.providers,
+            intra_op_threads=self.threads_per_session,
+            inter_op_threads=self.inter_op_threads,
+            spin_wait=self.spin_wait,
+        )

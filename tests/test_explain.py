@@ -2,6 +2,7 @@
 
 import base64
 from pathlib import Path
+from typing import get_args
 
 import cv2
 import numpy as np
@@ -13,6 +14,8 @@ from engines.explain import TargetMap
 from engines.images import preprocess
 from engines.methods import EXPLAINERS
 from engines.model import LoadedModel
+from schemas.explain import ExplainMethod
+from service.settings import Settings
 from tests.conftest import CPU
 from tests.images import encode, photo
 from tests.tiny_models import write_model_folder
@@ -186,3 +189,14 @@ def test_gradcam_for_the_cat_peaks_on_the_cat(client: TestClient) -> None:
     row, column = peak(values)
     assert CAT_BOX[0].start <= row < CAT_BOX[0].stop
     assert CAT_BOX[1].start <= column < CAT_BOX[1].stop
+
+
+def test_the_engines_offer_exactly_the_methods_the_api_accepts() -> None:
+    assert set(EXPLAINERS) == set(get_args(ExplainMethod))
+
+
+def test_the_cli_and_the_service_run_sessions_with_the_same_options() -> None:
+    settings = Settings(intra_op_threads=0, workers=1, spin_wait=False, inter_op_threads=2)
+    options = settings.runtime_options()
+    assert options.intra_op_threads == settings.threads_per_session >= 1
+    assert (options.spin_wait, options.inter_op_threads) == (False, 2)
