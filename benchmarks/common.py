@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from engines.zoo import build_model
+from engines.models.zoo import build_model
 
 
 def median_ms(run: Callable[[], object], repeats: int, warmup: int = 3) -> float:

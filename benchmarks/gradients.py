@@ -21,11 +21,11 @@ from benchmarks.common import (
     peak_rss_mib,
     reset_peak_rss,
 )
-from engines.gradients import GraphKey
-from engines.images import preprocess
-from engines.methods import EXPLAINERS
-from engines.model import LoadedModel
-from engines.runtime import RuntimeOptions
+from engines.graphs.prepared import GraphKey
+from engines.imaging.decode import preprocess
+from engines.methods.registry import EXPLAINERS
+from engines.models.loaded import LoadedModel
+from engines.runtime.session import RuntimeOptions
 
 TARGETS = {"gradcam": 1.2, "saliency": 2.5, "gradcam top-5": 1.3}
 

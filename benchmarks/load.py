@@ -35,11 +35,11 @@ import numpy as np
 import uvloop
 
 from benchmarks.common import default_model_folder
-from engines.explain import seeds_for
-from engines.gradients import GraphKey
-from engines.images import preprocess
-from engines.model import LoadedModel
-from engines.runtime import RuntimeOptions
+from engines.graphs.prepared import GraphKey
+from engines.imaging.decode import preprocess
+from engines.methods.pipeline import seeds_for
+from engines.models.loaded import LoadedModel
+from engines.runtime.session import RuntimeOptions
 from service.settings import Settings
 
 MODEL = "efficientnet-lite0"

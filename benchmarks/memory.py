@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import default_model_folder, median_ms, peak_rss_mib
-from engines.explain import WorkLimits
 from engines.graphs.sizes import activation_bytes
-from engines.images import preprocess
-from engines.memory import MemoryBudget, resident_bytes
-from engines.methods import EXPLAINERS
-from engines.repository import ModelRepository
-from engines.runtime import RuntimeOptions
+from engines.imaging.decode import preprocess
+from engines.methods.pipeline import WorkLimits
+from engines.methods.registry import EXPLAINERS
+from engines.models.repository import ModelRepository
+from engines.runtime.memory import MemoryBudget, resident_bytes
+from engines.runtime.session import RuntimeOptions
 
 CYCLE_TARGET_MIB = 1200
 SECOND_GRAPH_TARGET = 0.20

@@ -22,11 +22,11 @@ from benchmarks.common import (
     peak_rss_mib,
     reset_peak_rss,
 )
-from engines.explain import WorkLimits
-from engines.images import preprocess
-from engines.model import LoadedModel
-from engines.occlusion import Occlusion, batch_size, window_starts
-from engines.runtime import RuntimeOptions
+from engines.imaging.decode import preprocess
+from engines.methods.occlusion import Occlusion, batch_size, window_starts
+from engines.methods.pipeline import WorkLimits
+from engines.models.loaded import LoadedModel
+from engines.runtime.session import RuntimeOptions
 from schemas.params import OcclusionParams
 
 WINDOW, STRIDE, TARGET = 16, 8, 281

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import interleaved_medians_ms, peak_rss_mib, reset_peak_rss
-from engines.gradients import GraphKey
-from engines.model import MODEL_FILE, LoadedModel
-from engines.runtime import RuntimeOptions
+from engines.graphs.prepared import GraphKey
+from engines.models.loaded import MODEL_FILE, LoadedModel
+from engines.runtime.session import RuntimeOptions
 
 GRADCAM_TARGET = 1.2
 SALIENCY_MEDIAN_TARGET = 3.0

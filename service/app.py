@@ -10,9 +10,9 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from engines.batcher import BatchPolicy
-from engines.memory import MemoryBudget
-from engines.repository import ModelRepository
+from engines.models.repository import ModelRepository
+from engines.runtime.batcher import BatchPolicy
+from engines.runtime.memory import MemoryBudget
 from service.auth import ApiKeyMiddleware
 from service.errors import install_error_handlers
 from service.explaining import image_limits, work_limits

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from client import ExplainResult, ExplanationResult
-    from engines.explain import Explainer
-    from engines.model import LoadedModel
+    from engines.methods.pipeline import Explainer
+    from engines.models.loaded import LoadedModel
     from schemas.explain import ExplainRequest, ExplainResponse
 
 
@@ -48,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _models_build(args: argparse.Namespace) -> int:
     from engines.errors import EngineError
-    from engines.zoo import build_model
+    from engines.models.zoo import build_model
 
     repository = Path(args.repository) if args.repository else Settings().model_repository
     try:
@@ -61,7 +61,7 @@ def _models_build(args: argparse.Namespace) -> int:
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    from engines.zoo import BUILDERS
+    from engines.models.zoo import BUILDERS
 
     for name in sorted(BUILDERS):
         print(name)
@@ -70,11 +70,11 @@ def _models_list(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from engines.errors import EngineError
-    from engines.gradients import GraphKey
-    from engines.model import LoadedModel
-    from engines.repository import MODEL_NAME_PATTERN
-    from engines.runtime import RuntimeOptions
-    from engines.support import find_support
+    from engines.graphs.prepared import GraphKey
+    from engines.models.loaded import LoadedModel
+    from engines.models.repository import MODEL_NAME_PATTERN
+    from engines.models.support import find_support
+    from engines.runtime.session import RuntimeOptions
 
     settings = Settings()
     repository = Path(args.repository) if args.repository else settings.model_repository
@@ -282,8 +282,8 @@ def _local_request(call: _ExplainCall) -> "ExplainRequest":
 
 
 def _load_model(name: str, repository: Path, settings: Settings) -> "LoadedModel":
-    from engines.model import MODEL_FILE, LoadedModel
-    from engines.repository import MODEL_NAME_PATTERN
+    from engines.models.loaded import MODEL_FILE, LoadedModel
+    from engines.models.repository import MODEL_NAME_PATTERN
 
     folder = repository / name
     if not MODEL_NAME_PATTERN.fullmatch(name) or not (folder / MODEL_FILE).is_file():
@@ -292,8 +292,8 @@ def _load_model(name: str, repository: Path, settings: Settings) -> "LoadedModel
 
 
 def _local_explainer(method: str, progress: bool) -> "Explainer":
-    from engines.methods import EXPLAINERS
-    from engines.occlusion import Occlusion
+    from engines.methods.occlusion import Occlusion
+    from engines.methods.registry import EXPLAINERS
 
     explainer = EXPLAINERS[method]
     if progress and isinstance(explainer, Occlusion):
@@ -306,7 +306,7 @@ def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse
     """The explain route's pipeline, with the service's own rendering (service.heatmaps)."""
     from pydantic import ValidationError
 
-    from engines.images import decode_image, preprocess
+    from engines.imaging.decode import decode_image, preprocess
     from service.explaining import (
         explain_response,
         image_limits,
@@ -453,7 +453,7 @@ def _add_explain_parser(commands: "argparse._SubParsersAction[argparse.ArgumentP
 
 def _summary(args: argparse.Namespace) -> int:
     from engines.errors import EngineError
-    from engines.insight import load_graph, summarize, summary_text
+    from engines.insight.views import load_graph, summarize, summary_text
 
     settings = Settings()
     repository = Path(args.repository) if args.repository else settings.model_repository

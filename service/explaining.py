@@ -5,9 +5,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engines.explain import Explained, WorkLimits
-from engines.images import ImageLimits
-from engines.model import LoadedModel
+from engines.imaging.decode import ImageLimits
+from engines.methods.pipeline import Explained, WorkLimits
+from engines.models.loaded import LoadedModel
 from schemas.explain import ExplainMethod, ExplainResponse, Explanation, OutputOptions
 from schemas.predict import Prediction
 from service.heatmaps import render_maps

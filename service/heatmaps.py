@@ -6,7 +6,7 @@ from functools import cached_property
 
 import numpy as np
 
-from engines import render
+from engines.imaging import render
 from schemas.explain import OutputOptions
 from schemas.heatmap import (
     MAX_JSON_VALUES,

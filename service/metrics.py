@@ -21,7 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engines.memory import MemoryBudget, resident_bytes
+from engines.runtime.memory import MemoryBudget, resident_bytes
 
 # Seconds: from a cached decode (ms) to an occlusion over a big model (tens of seconds).
 LATENCY_BUCKETS = (

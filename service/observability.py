@@ -11,7 +11,7 @@ from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engines.errors import ModelNotFound
-from engines.repository import ModelRepository
+from engines.models.repository import ModelRepository
 from service.errors import error_response
 from service.lifecycle import Drain
 from service.logs import request_id_var

@@ -9,8 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.keys import check_api_keys, split_api_keys
 
-if TYPE_CHECKING:  # onnxruntime loads with engines.runtime: not for every CLI command
-    from engines.runtime import RuntimeOptions
+if TYPE_CHECKING:  # onnxruntime loads with engines.runtime.session: not for every CLI command
+    from engines.runtime.session import RuntimeOptions
 
 
 def cores() -> int:
@@ -162,7 +162,7 @@ class Settings(BaseSettings):
 
     def runtime_options(self) -> "RuntimeOptions":
         """How sessions run, for the service and for `onnx-explain explain --local` alike."""
-        from engines.runtime import RuntimeOptions
+        from engines.runtime.session import RuntimeOptions
 
         return RuntimeOptions(
             providers=self.providers,

@@ -6,9 +6,9 @@ from typing import Annotated
 import anyio
 from fastapi import Depends, Request
 
-from engines.explain import WorkLimits
-from engines.images import ImageLimits
-from engines.repository import ModelRepository
+from engines.imaging.decode import ImageLimits
+from engines.methods.pipeline import WorkLimits
+from engines.models.repository import ModelRepository
 from service.settings import Settings
 
 

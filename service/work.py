@@ -5,9 +5,9 @@ from typing import TypeVar
 
 import anyio
 
-from engines.deadline import Deadline
 from engines.errors import Overloaded
-from engines.model import LoadedModel
+from engines.models.loaded import LoadedModel
+from engines.runtime.deadline import Deadline
 from service.state import ServiceState
 
 Result = TypeVar("Result")

@@ -5,8 +5,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from engines.repository import ModelRepository
-from engines.runtime import RuntimeOptions
+from engines.models.repository import ModelRepository
+from engines.runtime.session import RuntimeOptions
 from service.app import create_app
 from service.settings import Settings
 from tests.tiny_models import write_model_folder
@@ -28,7 +28,7 @@ def tiny_repository_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository holding the real EfficientNet-Lite0, built by our own converter."""
-    from engines.zoo import build_model
+    from engines.models.zoo import build_model
 
     root = tmp_path_factory.mktemp("default-models")
     build_model("efficientnet-lite0", root)

@@ -40,7 +40,7 @@ def test_health_and_readiness(tiny_client: TestClient) -> None:
 
 
 def test_readyz_is_503_until_models_are_loaded(tiny_repository_dir: Path) -> None:
-    from engines.repository import ModelRepository
+    from engines.models.repository import ModelRepository
     from service.app import create_app
     from service.settings import Settings
     from tests.conftest import CPU

@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.classic_cam import find_cam_head
 from engines.errors import UnsupportedModel
+from engines.graphs.heads import find_cam_head
 from tests.conftest import make_client
 from tests.images import encode, photo
 from tests.tiny_models import OPSET, write_model_folder

@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.explain import WorkLimits
-from engines.images import preprocess
-from engines.model import LoadedModel
-from engines.occlusion import Occlusion
-from engines.runtime import RuntimeOptions
+from engines.imaging.decode import preprocess
+from engines.methods.occlusion import Occlusion
+from engines.methods.pipeline import WorkLimits
+from engines.models.loaded import LoadedModel
+from engines.runtime.session import RuntimeOptions
 from schemas.params import OcclusionParams
 from service.cli import main
 from tests.images import encode, photo

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engines.errors import ImageTooLarge, ImageTooSmall
-from engines.images import ImageLimits, decode_image, read_header
+from engines.imaging.decode import ImageLimits, decode_image, read_header
 from tests.images import encode
 
 LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1_000_000, min_side=8)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from engines.cam import channels_first, layer_gradients
-from engines.explain import TargetMap
-from engines.images import preprocess
-from engines.methods import EXPLAINERS
-from engines.model import LoadedModel
+from engines.imaging.decode import preprocess
+from engines.methods.cam import channels_first, layer_gradients
+from engines.methods.pipeline import TargetMap
+from engines.methods.registry import EXPLAINERS
+from engines.models.loaded import LoadedModel
 from schemas.explain import ExplainMethod
 from service.settings import Settings
 from tests.conftest import CPU

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from engines.images import ImageLimits, decode_image, fit_to_input
+from engines.imaging.decode import ImageLimits, decode_image, fit_to_input
 from schemas.model_config import InputSpec
 from tests.images import encode
 

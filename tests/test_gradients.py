@@ -23,8 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from engines.errors import InvalidParameters, UnsupportedModel
-from engines.gradients import add_top_k_seeds
 from engines.graphs import GradientSpec, build_gradient_model, supported_ops
+from engines.graphs.prepared import add_top_k_seeds
 
 Array = npt.NDArray[Any]
 

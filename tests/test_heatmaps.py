@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from engines.render import normalize, resize_map
+from engines.imaging.render import normalize, resize_map
 from schemas.explain import ExplainRequest, ExplainResponse, OutputOptions
 from schemas.heatmap import (
     MAX_JSON_VALUES,

@@ -224,7 +224,7 @@ def test_zero_bytes(tiny_client: TestClient, transport: str, status: int, code: 
 
 def test_the_corpus_is_what_it_claims() -> None:
     """The hand-made files parse as what they pretend to be (so a 415 is for the format)."""
-    from engines.images import read_header
+    from engines.imaging.decode import read_header
 
     assert animated_gif().startswith(b"GIF89a")
     assert animated_gif().count(b"\x2c\x00\x00\x00\x00") == 2  # two image descriptors

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engines.errors import ImageTooLarge, ImageTooSmall, InvalidImage, UnsupportedImage
-from engines.images import ImageLimits, decode_image, fit_to_input, read_header
+from engines.imaging.decode import ImageLimits, decode_image, fit_to_input, read_header
 from schemas.model_config import InputSpec
 from tests.images import encode, solid
 

@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from onnx import numpy_helper
 
-from engines.images import preprocess
-from engines.model import LoadedModel
-from engines.runtime import RuntimeOptions
+from engines.imaging.decode import preprocess
+from engines.models.loaded import LoadedModel
+from engines.runtime.session import RuntimeOptions
 from service.cli import main
 from tests.images import encode, solid
 

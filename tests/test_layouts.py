@@ -12,11 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.images import preprocess
-from engines.layers import spatial_layers
-from engines.model import LoadedModel
-from engines.occlusion import Occlusion
-from engines.runtime import RuntimeOptions
+from engines.imaging.decode import preprocess
+from engines.methods.occlusion import Occlusion
+from engines.models.layers import spatial_layers
+from engines.models.loaded import LoadedModel
+from engines.runtime.session import RuntimeOptions
 from schemas.params import OcclusionParams
 from tests.conftest import make_client
 from tests.images import encode

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from engines.deadline import Deadline
 from engines.errors import OverBudget
-from engines.explain import WorkLimits
-from engines.gradients import GraphKey
-from engines.images import preprocess
-from engines.memory import MemoryBudget, resident_bytes
-from engines.methods import EXPLAINERS
-from engines.model import LoadedModel
-from engines.repository import ModelRepository, ModelState
-from engines.runtime import ModelSession
-from engines.saliency import mean_input_gradient
+from engines.graphs.prepared import GraphKey
+from engines.imaging.decode import preprocess
+from engines.methods.pipeline import WorkLimits
+from engines.methods.registry import EXPLAINERS
+from engines.methods.saliency import mean_input_gradient
+from engines.models.loaded import LoadedModel
+from engines.models.repository import ModelRepository, ModelState
+from engines.runtime.deadline import Deadline
+from engines.runtime.memory import MemoryBudget, resident_bytes
+from engines.runtime.session import ModelSession
 from schemas.params import CamParams
 from service.app import create_app
 from service.settings import Settings

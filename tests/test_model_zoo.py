@@ -24,8 +24,8 @@ import httpx2 as httpx
 import numpy as np
 import pytest
 
-from engines.images import preprocess
-from engines.methods import EXPLAINERS
+from engines.imaging.decode import preprocess
+from engines.methods.registry import EXPLAINERS
 from schemas.model_config import ModelConfig
 from tests.images import encode
 from tests.servers import free_port, start_service, wait_until_ready

@@ -503,7 +503,7 @@ def test_a_model_whose_input_disagrees_with_its_config_is_refused_at_load(
     tmp_path: Path, dims: list[Any], reason: str
 ) -> None:
     from engines.errors import InvalidModel
-    from engines.model import LoadedModel
+    from engines.models.loaded import LoadedModel
     from tests.conftest import CPU
 
     nodes = [
@@ -527,7 +527,7 @@ def _support(client: TestClient, model: str) -> dict[str, str | None]:
 
 
 def test_model_info_lists_every_method_supported_on_a_plain_cnn(client: TestClient) -> None:
-    from engines.methods import EXPLAINERS
+    from engines.methods.registry import EXPLAINERS
 
     support = _support(client, "plain")
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from engines.deadline import Deadline
 from engines.errors import DeadlineExceeded, InvalidParameters, TooMuchWork
-from engines.explain import TargetMap, WorkLimits
-from engines.images import preprocess
-from engines.model import LoadedModel
-from engines.occlusion import ACTIVATION_FACTOR, Occlusion, job_slot, window_starts
+from engines.imaging.decode import preprocess
+from engines.methods.occlusion import ACTIVATION_FACTOR, Occlusion, job_slot, window_starts
+from engines.methods.pipeline import TargetMap, WorkLimits
+from engines.models.loaded import LoadedModel
+from engines.runtime.deadline import Deadline
 from schemas.params import OcclusionParams
 from tests.conftest import CPU
 from tests.images import encode, photo, solid

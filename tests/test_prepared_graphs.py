@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from engines.gradients import GraphKey
-from engines.images import preprocess
-from engines.model import LoadedModel
+from engines.graphs.prepared import GraphKey
+from engines.imaging.decode import preprocess
+from engines.models.loaded import LoadedModel
 from service.cli import main
 from tests.conftest import CPU
 from tests.images import solid

@@ -1,11 +1,11 @@
-"""engines/render.py: normalisation, geometry, colormaps, overlay and encoders on known maps."""
+"""engines.imaging.render: normalisation, geometry, colormaps, overlay, encoders on known maps."""
 
 import cv2
 import numpy as np
 import pytest
 
-from engines import render
 from engines.errors import InvalidParameters
+from engines.imaging import render
 from schemas.heatmap import ColormapName
 from schemas.model_config import InputSpec
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from engines.errors import InvalidParameters, ModelNotFound, ModelNotReady
-from engines.model import LoadedModel, softmax
-from engines.repository import ModelRepository, ModelState
+from engines.models.loaded import LoadedModel, softmax
+from engines.models.repository import ModelRepository, ModelState
 from tests.conftest import CPU
 from tests.images import solid
 from tests.tiny_models import write_model_folder

@@ -7,10 +7,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from engines.gradients import GraphKey
-from engines.graphs.schedule import seed_free_first
-from engines.model import LoadedModel
-from engines.runtime import RuntimeOptions
+from engines.graphs.prepared import GraphKey
+from engines.models.loaded import LoadedModel
+from engines.runtime.schedule import seed_free_first
+from engines.runtime.session import RuntimeOptions
 from tests.tiny_models import write_model_folder
 
 

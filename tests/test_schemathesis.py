@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from engines.repository import ModelRepository
+from engines.models.repository import ModelRepository
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import CPU, make_client

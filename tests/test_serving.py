@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from engines.batcher import BatchPolicy, MicroBatcher
-from engines.deadline import Deadline
 from engines.errors import DeadlineExceeded, Overloaded
-from engines.images import preprocess
-from engines.model import LoadedModel
-from engines.runtime import RuntimeOptions
+from engines.imaging.decode import preprocess
+from engines.models.loaded import LoadedModel
+from engines.runtime.batcher import BatchPolicy, MicroBatcher
+from engines.runtime.deadline import Deadline
+from engines.runtime.session import RuntimeOptions
 from service.settings import Settings
 from tests.conftest import CPU
 from tests.images import encode, photo, solid
@@ -100,7 +100,7 @@ def test_batched_forward_equals_single_runs(tmp_path: Path) -> None:
 
 
 def test_batched_gradients_equal_single_runs(tmp_path: Path) -> None:
-    from engines.methods import EXPLAINERS
+    from engines.methods.registry import EXPLAINERS
 
     folder = write_model_folder(tmp_path / "m")
     policy = BatchPolicy(window_seconds=0.05, max_rows=16, max_queued=64)

@@ -17,8 +17,8 @@ import onnxruntime as ort
 import pytest
 
 from engines.errors import InvalidParameters
-from engines.zoo import build_model
-from engines.zoo.torch_legacy import (
+from engines.models.zoo import build_model
+from engines.models.zoo.torch_legacy import (
     UnsafePickleError,
     UnsupportedCheckpoint,
     load_legacy_state_dict,

@@ -1,4 +1,4 @@
-"""Byte sizes read off a graph, for the memory budget (engines.memory)."""
+"""Byte sizes read off a graph, for the memory budget (engines.runtime.memory)."""
 
 import math
 

@@ -4,9 +4,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
-from engines.explain import Explained
-from engines.images import decode_image, preprocess
-from engines.methods import EXPLAINERS
+from engines.imaging.decode import decode_image, preprocess
+from engines.methods.pipeline import Explained
+from engines.methods.registry import EXPLAINERS
 from schemas.explain import ExplainRequest, ExplainResponse, Explanation
 from service.errors import InvalidRequest
 from service.explaining import explain_response, render_explanations, resolve_targets

@@ -9,11 +9,11 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
 
-from engines import insight
-from engines.cam import channels_first
 from engines.errors import InvalidParameters
-from engines.images import decode_image, preprocess
-from engines.model import LoadedModel
+from engines.imaging.decode import decode_image, preprocess
+from engines.insight import views as insight
+from engines.methods.cam import channels_first
+from engines.models.loaded import LoadedModel
 from schemas.insight import (
     MAX_CHANNELS,
     MAX_FILTERS_PAGE,

@@ -14,9 +14,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from engines.errors import EngineError, InvalidParameters
-from engines.maximize import Maximized, maximize
-from engines.model import LoadedModel
-from engines.render import encode_png
+from engines.imaging.render import encode_png
+from engines.insight.maximize import Maximized, maximize
+from engines.models.loaded import LoadedModel
 from schemas.maximize import MaximizeParams, MaximizeRequest, MaximizeResponse, TensorArray
 from service.errors import InvalidRequest, UnsupportedMediaType
 from service.inputs import describe_validation_error

@@ -3,11 +3,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Request
 
-from engines.images import decode_image
-from engines.memory import MemoryBudget, resident_bytes
-from engines.model import LoadedModel
-from engines.model import Prediction as EnginePrediction
-from engines.repository import ModelEntry
+from engines.imaging.decode import decode_image
+from engines.models.loaded import LoadedModel
+from engines.models.loaded import Prediction as EnginePrediction
+from engines.models.repository import ModelEntry
+from engines.runtime.memory import MemoryBudget, resident_bytes
 from schemas.errors import ErrorResponse
 from schemas.models import (
     Layer,

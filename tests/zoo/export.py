@@ -7,7 +7,7 @@ and its `.venv` never import torch. `python tests/zoo/export.py OUT` writes a mo
     OUT/image.npy        the 64x64 RGB uint8 image the references are computed on
     OUT/manifest.json    per export: architecture, exporter, seconds, targets, failures
 
-Each reference mirrors the service's definitions (engines/cam.py, saliency.py, occlusion.py,
+Each reference mirrors the service's definitions (engines/methods/cam.py, saliency.py, occlusion.py,
 classic_cam.py) with independent torch autograd code on the torch model, float32 forward and
 float64 arithmetic after it. An export that fails is recorded in the manifest, not fatal.
 """
@@ -88,7 +88,7 @@ def make_image(seed: int = 3) -> np.ndarray:
 
 
 def to_tensor(pixels: np.ndarray, layout: str) -> np.ndarray:
-    """(H, W, 3) pixels -> (1, ...) float32, as engines/images.py::preprocess computes it."""
+    """(H, W, 3) pixels -> (1, ...) float32, as engines.imaging.decode.preprocess computes it."""
     std = np.asarray(STD, dtype=np.float64)
     gain = (SCALE / std).astype(np.float32)[:, None, None]
     offset = (-np.asarray(MEAN, dtype=np.float64) / std).astype(np.float32)[:, None, None]
@@ -528,7 +528,7 @@ def references(forward: Forward, tensor: np.ndarray) -> tuple[dict[str, np.ndarr
         "feature": feature_t.double().numpy()[0],
     }
     image = _channels_first(tensor, layout)[0].astype(np.float64)
-    # SmoothGrad's rows, drawn exactly as engines/saliency.py::SmoothGrad draws them.
+    # SmoothGrad's rows, drawn exactly as engines/methods/saliency.py::SmoothGrad draws them.
     rng = np.random.default_rng(int(SMOOTHGRAD["seed"]))
     sigma = float(SMOOTHGRAD["noise"]) * float(tensor.max() - tensor.min())
     noise = rng.normal(0.0, sigma, size=(int(SMOOTHGRAD["samples"]), *tensor.shape[1:]))

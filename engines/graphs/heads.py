@@ -1,25 +1,17 @@
-"""The original class activation map (Zhou et al. 2016) for models ending in GAP + linear.
+"""The classifier head a model ends in: global average pooling, then a linear layer.
 
-When the output is `W @ mean_hw(A) + b`, class c's map is `sum_k W[c, k] * A_k`: no gradients
-are needed. The head is found in the ONNX graph: a Gemm (or MatMul + Add) with a constant weight,
-fed through Flatten/Reshape/Squeeze/Identity only by GlobalAveragePool (or ReduceMean over the
-spatial axes) of a 4-D tensor.
+The original CAM (engines.methods.classic_cam) needs it, and GET /v1/models/{name} says
+whether a model has one (engines.models.support).
 """
 
-import threading
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from engines.cam import channels_first, rectified_map
 from engines.errors import UnsupportedModel
-from engines.explain import Explained, Explainer, TargetMap, WorkLimits, clean_targets
 from engines.graphs.context import node_attribute
-from engines.model import LoadedModel
-from schemas.params import ClassicCamParams
 
 PASS_THROUGH = {"Flatten", "Reshape", "Squeeze", "Identity"}
 
@@ -130,56 +122,3 @@ def find_cam_head(model: onnx.ModelProto, output: str) -> CamHead:
     if rank is not None and rank != 4:
         raise UnsupportedModel(f"CAM needs a 4-D feature map before the pooling, not {rank}-D")
     return CamHead(feature, channel_axis, np.asarray(weights, dtype=np.float64))
-
-
-_heads: dict[str, CamHead | UnsupportedModel] = {}
-_heads_lock = threading.Lock()
-
-
-def cam_head(model: LoadedModel) -> CamHead:
-    """The model's CAM head, found once per model file."""
-    with _heads_lock:
-        found = _heads.get(model.graph_sha256)
-        if found is None:
-            try:
-                found = find_cam_head(model.graph, model.output_name)
-            except UnsupportedModel as exc:
-                found = exc
-            _heads[model.graph_sha256] = found
-    if isinstance(found, UnsupportedModel):
-        raise UnsupportedModel(found.message)
-    return found
-
-
-class ClassicCam(Explainer):
-    params_model: ClassVar[type[ClassicCamParams]] = ClassicCamParams
-
-    def explain(
-        self,
-        model: LoadedModel,
-        tensor: np.ndarray,
-        targets: list[int] | None,
-        top_k: int,
-        params: ClassicCamParams,
-        limits: WorkLimits = WorkLimits(),
-    ) -> Explained:
-        head = cam_head(model)
-        listed = next((layer for layer in model.layers if layer.name == head.feature), None)
-        if listed is not None and listed.channel_axis != head.channel_axis:
-            raise UnsupportedModel(
-                f"CAM: the pooling before the output does not average {head.feature!r} over its "
-                f"spatial axes (it is {listed.layout})"
-            )
-        probabilities, targets = clean_targets(model, tensor, targets, top_k)
-        activations = model.layer_activations(tensor, head.feature)
-        features = channels_first(activations, head.channel_axis)[0].astype(np.float64)
-        if features.shape[0] != head.weights.shape[1]:
-            raise UnsupportedModel(
-                f"CAM: the linear layer takes {head.weights.shape[1]} inputs but the pooled "
-                f"feature map has {features.shape[0]} channels"
-            )
-        maps = [
-            TargetMap(int(t), rectified_map(model, np.tensordot(head.weights[t], features, axes=1)))
-            for t in targets
-        ]
-        return Explained(probabilities, maps)

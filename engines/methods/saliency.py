@@ -9,8 +9,10 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel
 
-from engines.cam import GradCam, channels_first
-from engines.explain import (
+from engines.graphs.prepared import GraphKey
+from engines.imaging.decode import blur_tensor, preprocess
+from engines.methods.cam import GradCam, channels_first
+from engines.methods.pipeline import (
     Explained,
     Explainer,
     TargetMap,
@@ -18,9 +20,7 @@ from engines.explain import (
     clean_targets,
     seeds_for,
 )
-from engines.gradients import GraphKey
-from engines.images import blur_tensor, preprocess
-from engines.model import LoadedModel
+from engines.models.loaded import LoadedModel
 from schemas.params import (
     GradientTimesInputParams,
     GuidedGradCamParams,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engines.errors import InvalidParameters
-from engines.zoo import efficientnet_lite
+from engines.models.zoo import efficientnet_lite
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "efficientnet-lite0": efficientnet_lite.build,

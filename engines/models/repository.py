@@ -3,11 +3,11 @@
 Request paths never reach the filesystem: a name from a caller is only ever looked up in the
 dictionary built from the folder listing.
 
-Models share one memory budget (engines.memory) with their prepared sessions. At start-up the
-models are loaded in order while the budget holds them; the others stay `unloaded` and load on
-first use, and a model is unloaded when its memory is needed and it is the least recently used
-thing resident (Triton's model control, decided by the budget). Right after a model loads, the
-gradient graphs of its default layer are built in the background (`warm`).
+Models share one memory budget (engines.runtime.memory) with their prepared sessions. At start-
+up the models are loaded in order while the budget holds them; the others stay `unloaded` and
+load on first use, and a model is unloaded when its memory is needed and it is the least
+recently used thing resident (Triton's model control, decided by the budget). Right after a
+model loads, the gradient graphs of its default layer are built in the background (`warm`).
 """
 
 import contextlib
@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines.batcher import BatchPolicy
 from engines.errors import EngineError, ModelNotFound, ModelNotReady, OverBudget
-from engines.memory import MemoryBudget
-from engines.model import MODEL_FILE, LoadedModel
-from engines.runtime import RuntimeOptions
-from engines.support import MethodSupport, find_support
+from engines.models.loaded import MODEL_FILE, LoadedModel
+from engines.models.support import MethodSupport, find_support
+from engines.runtime.batcher import BatchPolicy
+from engines.runtime.memory import MemoryBudget
+from engines.runtime.session import RuntimeOptions
 
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

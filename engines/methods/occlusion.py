@@ -13,13 +13,13 @@ from typing import ClassVar
 
 import numpy as np
 
-from engines import occlusion_graph
-from engines.deadline import current_deadline
 from engines.errors import DeadlineExceeded, InvalidParameters, TooMuchWork, UnsupportedModel
-from engines.explain import Explained, Explainer, TargetMap, WorkLimits, clean_targets
-from engines.images import blur_tensor, preprocess
-from engines.layers import LayerInfo
-from engines.model import LoadedModel
+from engines.graphs import occlusion as occlusion_graph
+from engines.imaging.decode import blur_tensor, preprocess
+from engines.methods.pipeline import Explained, Explainer, TargetMap, WorkLimits, clean_targets
+from engines.models.layers import LayerInfo
+from engines.models.loaded import LoadedModel
+from engines.runtime.deadline import current_deadline
 from schemas.params import OcclusionParams
 
 MAX_BATCH = 256

@@ -11,16 +11,16 @@ import numpy as np
 import onnx
 from pydantic import ValidationError
 
-from engines.batcher import BatchPolicy, MicroBatcher
 from engines.errors import EngineError, InferenceFailed, InvalidModel, InvalidParameters
-from engines.gradients import GradientGraphs
 from engines.graphs.normalize import BatchMode, Normalized, fixed_batch_of_one, normalize
+from engines.graphs.prepared import GradientGraphs
 from engines.graphs.sizes import activation_bytes
-from engines.images import preprocess
-from engines.layers import LayerInfo, spatial_layers
-from engines.memory import MemoryBudget
-from engines.runtime import ModelSession, RuntimeOptions
-from engines.sessions import ModelSessions, SharedWeights, build_session
+from engines.imaging.decode import preprocess
+from engines.models.layers import LayerInfo, spatial_layers
+from engines.runtime.batcher import BatchPolicy, MicroBatcher
+from engines.runtime.memory import MemoryBudget
+from engines.runtime.session import ModelSession, RuntimeOptions
+from engines.runtime.shared import ModelSessions, SharedWeights, build_session
 from schemas.model_config import ModelConfig, channel_axis
 
 MODEL_FILE = "model.onnx"
@@ -301,8 +301,8 @@ class LoadedModel:
         return [outputs[start:end] for start, end in itertools.pairwise(bounds)]
 
     def occlusion_session(self, layer: str | None) -> ModelSession:
-        """The model behind an in-graph occlusion prefix (engines.occlusion_graph)."""
-        from engines.occlusion_graph import build_occlusion_model
+        """The model behind an in-graph occlusion prefix (engines.graphs.occlusion)."""
+        from engines.graphs.occlusion import build_occlusion_model
 
         def make() -> onnx.ModelProto:
             spec = self.config.input

@@ -29,9 +29,9 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from engines.errors import InvalidModel
-from engines.graphs.schedule import seed_free_first
-from engines.memory import MemoryBudget
-from engines.runtime import ModelSession, RunMemory, RuntimeOptions, choose_providers
+from engines.runtime.memory import MemoryBudget
+from engines.runtime.schedule import seed_free_first
+from engines.runtime.session import ModelSession, RunMemory, RuntimeOptions, choose_providers
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def build_session(
     Its cost counts what it holds between runs: weights of its own, prepacked copies, and (with
     `arena`) one image's activations; `work` reserves each run's activations while it runs.
     `seeds`: a gradient graph's seed tensors; what does not depend on them is scheduled first
-    (engines.graphs.schedule)."""
+    (engines.runtime.schedule)."""
     held = SESSION_OVERHEAD_BYTES + (work.bytes_per_row if arena and work is not None else 0)
     if weights is None or choose_providers(options.providers) != ["CPUExecutionProvider"]:
         model = _load(source)

@@ -8,10 +8,10 @@ names the op and the node. Methods then need a few capabilities each.
 from dataclasses import dataclass
 from typing import Literal
 
-from engines.classic_cam import find_cam_head
 from engines.errors import EngineError, NoReluLikeOp
 from engines.graphs import GradientSpec, build_gradient_model
-from engines.model import LoadedModel
+from engines.graphs.heads import find_cam_head
+from engines.models.loaded import LoadedModel
 
 Capability = Literal["layer", "input_gradient", "layer_gradient", "guided", "cam_head"]
 

@@ -10,9 +10,16 @@ import cv2
 import numpy as np
 
 from engines.errors import UnsupportedModel
-from engines.explain import Explained, Explainer, TargetMap, WorkLimits, seeds_for, spatial_size
-from engines.gradients import GradientResult, GraphKey
-from engines.model import LoadedModel
+from engines.graphs.prepared import GradientResult, GraphKey
+from engines.methods.pipeline import (
+    Explained,
+    Explainer,
+    TargetMap,
+    WorkLimits,
+    seeds_for,
+    spatial_size,
+)
+from engines.models.loaded import LoadedModel
 from schemas.params import CamParams
 
 EPSILON = 1e-7

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from engines.errors import InvalidParameters
-from engines.images import Region, fit_to_input, input_region
+from engines.imaging.decode import Region, fit_to_input, input_region
 from schemas.heatmap import PNG16_MAX, ColormapName, FloatDtype, Normalization
 from schemas.model_config import InputSpec
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel
 
-from engines.model import LoadedModel
+from engines.models.loaded import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import onnx
 from onnx import numpy_helper
 
 from engines.errors import InvalidParameters, UnsupportedModel
-from engines.layers import shape_of
-from engines.render import minmax
+from engines.imaging.render import minmax
+from engines.models.layers import shape_of
 from schemas.model_config import InputSpec
 
 Shape = tuple[int | str, ...]

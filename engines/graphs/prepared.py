@@ -19,12 +19,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.batcher import BatchPolicy, MicroBatcher
 from engines.errors import InvalidModel, InvalidParameters, UnsupportedModel
 from engines.graphs import GradientSpec, build_gradient_model
 from engines.graphs.context import node_attribute
-from engines.runtime import ModelSession
-from engines.sessions import ModelSessions
+from engines.runtime.batcher import BatchPolicy, MicroBatcher
+from engines.runtime.session import ModelSession
+from engines.runtime.shared import ModelSessions
 
 PREPARED_FOLDER = "gradients"
 # Bumped whenever the graphs we build change shape, so stale cached files are never reused.

@@ -16,7 +16,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.zoo.torch_legacy import load_legacy_state_dict
+from engines.models.zoo.torch_legacy import load_legacy_state_dict
 from schemas.model_config import InputSpec, ModelConfig
 
 Array = npt.NDArray[Any]

@@ -10,9 +10,9 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from engines.deadline import guarded_run
 from engines.errors import InferenceFailed, InvalidModel
-from engines.memory import MemoryBudget
+from engines.runtime.deadline import guarded_run
+from engines.runtime.memory import MemoryBudget
 
 ProviderPreference = Literal["auto", "cpu", "cuda"]
 
@@ -107,7 +107,7 @@ class ModelSession:
     ) -> None:
         """`initializers` replace the graph's own by name (shared between sessions; they must
         outlive the session); `optimised`: onnxruntime already optimised the graph, for this
-        machine (engines.sessions), so it is not optimised again; `arena`: keep onnxruntime's
+        machine (engines.runtime.shared), so it is not optimised again; `arena`: keep onnxruntime's
         memory arena, which holds a run's peak activations until the session goes (fastest
         for batches; off, activations are freed after each run); `work`: each run reserves
         its activations from a memory budget."""

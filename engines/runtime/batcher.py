@@ -17,8 +17,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from engines.deadline import Deadline, current_deadline
 from engines.errors import DeadlineExceeded, Overloaded
+from engines.runtime.deadline import Deadline, current_deadline
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

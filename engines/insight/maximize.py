@@ -11,14 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from engines.deadline import current_deadline
 from engines.errors import InvalidParameters
-from engines.explain import seeds_for
-from engines.gradients import GraphKey
 from engines.graphs import GradientSpec, build_gradient_model
-from engines.images import blur_tensor, preprocess
-from engines.layers import LayerInfo
-from engines.model import LoadedModel
+from engines.graphs.prepared import GraphKey
+from engines.imaging.decode import blur_tensor, preprocess
+from engines.methods.pipeline import seeds_for
+from engines.models.layers import LayerInfo
+from engines.models.loaded import LoadedModel
+from engines.runtime.deadline import current_deadline
 from schemas.maximize import MaximizeParams
 from schemas.model_config import InputSpec
 

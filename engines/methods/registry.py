@@ -1,10 +1,10 @@
 """The explanation methods the service offers, by the names requests use."""
 
-from engines.cam import GradCam, GradCamPlusPlus, HiResCam, LayerCam, XGradCam
-from engines.classic_cam import ClassicCam
-from engines.explain import Explainer
-from engines.occlusion import Occlusion
-from engines.saliency import (
+from engines.methods.cam import GradCam, GradCamPlusPlus, HiResCam, LayerCam, XGradCam
+from engines.methods.classic_cam import ClassicCam
+from engines.methods.occlusion import Occlusion
+from engines.methods.pipeline import Explainer
+from engines.methods.saliency import (
     GradientTimesInput,
     GuidedBackprop,
     GuidedGradCam,
