@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx2 as httpx
+import httpx
 
 
 def free_port() -> int:

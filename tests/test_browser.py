@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
-import httpx2 as httpx
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient

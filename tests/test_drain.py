@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-import httpx2 as httpx
+import httpx
 import numpy as np
 import onnx
 import pytest

@@ -35,7 +35,8 @@ def test_every_engine_module_lives_in_a_room() -> None:
     assert loose == []
     for room in ROOMS[1:]:
         first_lines = (ROOT / "engines" / room / "__init__.py").read_text()
-        assert first_lines.startswith('"""') and "May import" in first_lines, room
+        assert first_lines.startswith('"""'), room
+        assert "May import" in first_lines, room
 
 
 def test_no_import_runs_back_up_and_none_reaches_the_web() -> None:
