@@ -256,7 +256,7 @@ def _explain_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResu
     from client import ExplainResult
     from engines.errors import EngineError
     from service.errors import ServiceError as RequestError
-    from service.inputs import describe_validation_error
+    from service.errors import describe_validation_error
 
     try:
         return ExplainResult.from_response(_run_local(call, args))
@@ -307,6 +307,7 @@ def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse
     from pydantic import ValidationError
 
     from engines.imaging.decode import decode_image, preprocess
+    from service.errors import describe_validation_error
     from service.explaining import (
         explain_response,
         image_limits,
@@ -315,7 +316,6 @@ def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse
         work_limits,
     )
     from service.heatmaps import check_output
-    from service.inputs import describe_validation_error
 
     settings = Settings()
     request = _local_request(call)

@@ -5,6 +5,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engines import errors as engine_errors
@@ -77,7 +78,8 @@ def _engine_status(exc: engine_errors.EngineError) -> int:
     return 500
 
 
-def _describe_validation(exc: RequestValidationError) -> str:
+def describe_validation_error(exc: RequestValidationError | ValidationError) -> str:
+    """The first few problems of a request that failed validation, as `field.path: message`."""
     parts = []
     for error in exc.errors()[:5]:
         location = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
@@ -99,7 +101,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, "invalid_request", _describe_validation(exc))
+        return error_response(422, "invalid_request", describe_validation_error(exc))
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

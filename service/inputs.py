@@ -12,7 +12,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from service.errors import InvalidRequest, UnsupportedMediaType
+from service.errors import InvalidRequest, UnsupportedMediaType, describe_validation_error
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
@@ -20,14 +20,6 @@ _DATA_URL_PREFIX = re.compile(r"^data:[A-Za-z0-9.+/-]{1,64};base64,")
 _WHITESPACE = re.compile(r"\s+")
 # Stands in for the uploaded file while the other multipart fields are validated.
 _UPLOADED = "uploaded"
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors()[:5]:
-        location = ".".join(str(p) for p in error["loc"])
-        parts.append(f"{location or 'body'}: {error['msg']}")
-    return "; ".join(parts)
 
 
 def decode_base64_image(text: str) -> bytes:

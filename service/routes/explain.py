@@ -8,10 +8,10 @@ from engines.imaging.decode import decode_image, preprocess
 from engines.methods.pipeline import Explained
 from engines.methods.registry import EXPLAINERS
 from schemas.explain import ExplainRequest, ExplainResponse, Explanation
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, describe_validation_error
 from service.explaining import explain_response, render_explanations, resolve_targets
 from service.heatmaps import check_output
-from service.inputs import describe_validation_error, read_image_request
+from service.inputs import read_image_request
 from service.observability import label_request, observe_stages
 from service.routes.models import WORK_ERRORS, ModelName
 from service.state import State

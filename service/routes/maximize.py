@@ -18,8 +18,7 @@ from engines.imaging.render import encode_png
 from engines.insight.maximize import Maximized, maximize
 from engines.models.loaded import LoadedModel
 from schemas.maximize import MaximizeParams, MaximizeRequest, MaximizeResponse, TensorArray
-from service.errors import InvalidRequest, UnsupportedMediaType
-from service.inputs import describe_validation_error
+from service.errors import InvalidRequest, UnsupportedMediaType, describe_validation_error
 from service.routes.models import WORK_ERRORS, ModelName
 from service.state import ServiceState, State
 from service.work import loaded_model, run_engine
