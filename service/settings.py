@@ -39,7 +39,12 @@ class Settings(BaseSettings):
         description="Threads per onnxruntime session; 0 = the machine's cores but one, divided "
         "by the number of workers (at least 1), so threads x workers <= cores.",
     )
-    inter_op_threads: int = Field(default=1, ge=0, le=64)
+    inter_op_threads: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Threads onnxruntime runs independent branches on (1: one at a time).",
+    )
     spin_wait: bool = Field(
         default=False,
         description="Let onnxruntime's pool threads spin between parallel sections. Off by "
@@ -79,9 +84,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest request body accepted."
     )
-    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(default=40_000_000, ge=64)
-    min_image_side: int = Field(default=8, ge=1, le=1024)
+    max_image_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024, description="Largest encoded image accepted."
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        ge=64,
+        description="Largest image accepted, in pixels, read from its header before decoding.",
+    )
+    min_image_side: int = Field(
+        default=8, ge=1, le=1024, description="Smallest image side accepted, in pixels."
+    )
     max_passes: int = Field(
         default=4096, ge=1, le=1_000_000, description="Forward passes one request may cost."
     )
@@ -117,10 +130,14 @@ class Settings(BaseSettings):
         description="Occlusion requests holding their copies at once per process; the others "
         "wait their turn (within their deadline), so memory stays near this many budgets.",
     )
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1, le=64)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host: str = Field(default="127.0.0.1", description="Address `serve` listens on.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port `serve` listens on.")
+    workers: int = Field(
+        default=1, ge=1, le=64, description="Server processes; each loads the models."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="`debug`, `info`, `warning` or `error`."
+    )
     log_format: Literal["json", "text"] = Field(
         default="json", description="`json`: one JSON object a line, with the request id."
     )
