@@ -294,16 +294,31 @@ class Region:
     width: float
 
 
-def input_region(height: int, width: int, spec: InputSpec) -> Region:
-    if spec.resize == "resize":
-        return Region(0.0, 0.0, float(height), float(width))
+@dataclass(frozen=True)
+class _ScaledCrop:
+    """The image scaled to cover the model's input (over the crop fraction), and the crop."""
+
+    height: int
+    width: int
+    top: int
+    left: int
+
+
+def _scaled_crop(height: int, width: int, spec: InputSpec) -> _ScaledCrop:
     scale = max(spec.height / height, spec.width / width) / spec.crop_fraction
     scaled_w = max(spec.width, round(width * scale))
     scaled_h = max(spec.height, round(height * scale))
-    sy, sx = scaled_h / height, scaled_w / width
-    top = (scaled_h - spec.height) // 2
-    left = (scaled_w - spec.width) // 2
-    return Region(top / sy, left / sx, spec.height / sy, spec.width / sx)
+    return _ScaledCrop(
+        scaled_h, scaled_w, (scaled_h - spec.height) // 2, (scaled_w - spec.width) // 2
+    )
+
+
+def input_region(height: int, width: int, spec: InputSpec) -> Region:
+    if spec.resize == "resize":
+        return Region(0.0, 0.0, float(height), float(width))
+    crop = _scaled_crop(height, width, spec)
+    sy, sx = crop.height / height, crop.width / width
+    return Region(crop.top / sy, crop.left / sx, spec.height / sy, spec.width / sx)
 
 
 def blur_tensor(tensor: np.ndarray, channel_axis: int, sigma: float) -> np.ndarray:
@@ -320,18 +335,17 @@ def fit_to_input(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Resize (or scale and centre-crop) an RGB image to the model's input size."""
     height, width = image.shape[:2]
     if spec.resize == "resize":
-        return _resize(image, spec.width, spec.height)
-    scale = max(spec.height / height, spec.width / width) / spec.crop_fraction
-    scaled_w = max(spec.width, round(width * scale))
-    scaled_h = max(spec.height, round(height * scale))
-    scaled = _resize(image, scaled_w, scaled_h)
-    top = (scaled_h - spec.height) // 2
-    left = (scaled_w - spec.width) // 2
-    return scaled[top : top + spec.height, left : left + spec.width]
+        return resize_image(image, spec.height, spec.width)
+    crop = _scaled_crop(height, width, spec)
+    scaled = resize_image(image, crop.height, crop.width)
+    return scaled[crop.top : crop.top + spec.height, crop.left : crop.left + spec.width]
 
 
-def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    shrinking = width < image.shape[1] or height < image.shape[0]
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Area averaging when shrinking (no aliasing), bilinear when growing."""
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = height < image.shape[0] or width < image.shape[1]
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
     resized: np.ndarray = cv2.resize(image, (width, height), interpolation=interpolation)
     return resized

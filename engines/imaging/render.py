@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from engines.errors import InvalidParameters
-from engines.imaging.decode import Region, fit_to_input, input_region
+from engines.imaging.decode import Region, fit_to_input, input_region, resize_image
 from schemas.heatmap import PNG16_MAX, ColormapName, FloatDtype, Normalization
 from schemas.model_config import InputSpec
 
@@ -84,15 +84,6 @@ def base_image(image: np.ndarray, spec: InputSpec, size: OutputSize) -> np.ndarr
     if size == "input":
         return image
     return resize_image(image, *size)
-
-
-def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    if image.shape[:2] == (height, width):
-        return image
-    shrinking = height < image.shape[0] or width < image.shape[1]
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    resized: np.ndarray = cv2.resize(image, (width, height), interpolation=interpolation)
-    return resized
 
 
 @dataclass(frozen=True)
