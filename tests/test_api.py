@@ -1,6 +1,7 @@
 """Real HTTP through the app against tiny models: routes, errors and limits."""
 
 import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,27 @@ def test_openapi_documents_both_request_bodies(tiny_client: TestClient) -> None:
     assert set(content) == {"application/json", "multipart/form-data"}
     assert "example" in content["application/json"]
     assert tiny_client.get("/docs").status_code == 200
+
+
+def test_every_image_route_documents_its_fields_in_both_encodings(tiny_client: TestClient) -> None:
+    """Read off the request schemas: no dangling `$defs` references, and the multipart form
+    has the JSON body's fields, the image as a file."""
+    spec = tiny_client.get("/openapi.json").json()
+    routes = [
+        "/v1/models/{name}/predict",
+        "/v1/models/{name}/explain",
+        "/v1/models/{name}/activations",
+        "/v1/models/{name}/maximize",
+    ]
+    for route in routes:
+        content = spec["paths"][route]["post"]["requestBody"]["content"]
+        body = content["application/json"]["schema"]
+        assert "#/$defs/" not in json.dumps(content), route
+        form = content.get("multipart/form-data")
+        if form is None:
+            assert route.endswith("maximize")  # JSON only: it takes no image
+            continue
+        fields = form["schema"]["properties"]
+        assert set(fields) == set(body["properties"]), route
+        assert fields["image"] == {"type": "string", "format": "binary"}
+        assert set(form["schema"]["required"]) == set(body.get("required", []))

@@ -13,6 +13,7 @@ from service.explaining import explain_response, render_explanations, resolve_ta
 from service.heatmaps import check_output
 from service.inputs import read_image_request
 from service.observability import label_request, observe_stages
+from service.openapi import request_body
 from service.routes.models import WORK_ERRORS, ModelName
 from service.state import State
 from service.work import loaded_model, run_engine
@@ -20,62 +21,16 @@ from service.work import loaded_model, run_engine
 router = APIRouter(prefix="/v1/models", tags=["explain"])
 
 
-def _inline_definitions(schema: dict[str, Any]) -> dict[str, Any]:
-    """A pydantic JSON schema with its `$defs` written in place of their `$ref`s.
-
-    Inside an OpenAPI document a `#/$defs/...` reference resolves against the document's root,
-    which has no `$defs`: the reference would dangle, and tools would fail to read the body.
-    """
-    definitions: dict[str, Any] = schema.get("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                rest = {key: value for key, value in node.items() if key != "$ref"}
-                return inline({**definitions[ref.removeprefix("#/$defs/")], **rest})
-            return {key: inline(value) for key, value in node.items() if key != "$defs"}
-        if isinstance(node, list):
-            return [inline(item) for item in node]
-        return node
-
-    inlined: dict[str, Any] = inline(schema)
-    return inlined
-
-
-EXPLAIN_JSON_SCHEMA = _inline_definitions(ExplainRequest.model_json_schema())
-
-EXPLAIN_REQUEST_BODY: dict[str, object] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": EXPLAIN_JSON_SCHEMA,
-                "example": {
-                    "image": "<base64 of a PNG/JPEG/WebP>",
-                    "method": "gradcam",
-                    "top_k": 1,
-                    "params": {},
-                    "output": {"format": ["overlay", "array"], "size": "input"},
-                },
-            },
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image", "method"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "method": EXPLAIN_JSON_SCHEMA["properties"]["method"],
-                        "targets": {"type": "string", "description": "JSON list"},
-                        "top_k": EXPLAIN_JSON_SCHEMA["properties"]["top_k"],
-                        "params": {"type": "string", "description": "JSON object"},
-                        "output": {"type": "string", "description": "JSON object"},
-                    },
-                }
-            },
-        },
-    }
-}
+EXPLAIN_REQUEST_BODY = request_body(
+    ExplainRequest,
+    {
+        "image": "<base64 of a PNG/JPEG/WebP>",
+        "method": "gradcam",
+        "top_k": 1,
+        "params": {},
+        "output": {"format": ["overlay", "array"], "size": "input"},
+    },
+)
 
 
 @router.post(

@@ -28,6 +28,7 @@ from schemas.insight import (
     SummaryRow,
 )
 from service.inputs import read_image_request
+from service.openapi import request_body
 from service.routes.models import ERRORS, WORK_ERRORS, ModelName
 from service.state import State
 from service.work import loaded_model, run_engine
@@ -39,26 +40,7 @@ SUMMARY_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
 }
 
-ACTIVATIONS_BODY: dict[str, object] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": ActivationsRequest.model_json_schema()},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image", "layers"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "layers": {"type": "string", "description": "JSON list of names"},
-                        "channels": {"type": "string", "description": "JSON list of ints"},
-                        "format": {"type": "string", "enum": ["grid", "array"]},
-                    },
-                }
-            },
-        },
-    }
-}
+ACTIVATIONS_BODY = request_body(ActivationsRequest)
 
 
 def prefers_text(accept: str) -> bool:

@@ -19,6 +19,7 @@ from engines.insight.maximize import Maximized, maximize
 from engines.models.loaded import LoadedModel
 from schemas.maximize import MaximizeParams, MaximizeRequest, MaximizeResponse, TensorArray
 from service.errors import InvalidRequest, UnsupportedMediaType, describe_validation_error
+from service.openapi import request_body
 from service.routes.models import WORK_ERRORS, ModelName
 from service.state import ServiceState, State
 from service.work import loaded_model, run_engine
@@ -134,17 +135,9 @@ async def _read_request(request: Request) -> MaximizeRequest:
         raise InvalidRequest(describe_validation_error(exc)) from exc
 
 
-REQUEST_BODY: dict[str, object] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": MaximizeRequest.model_json_schema(),
-                "example": {"target": 285, "steps": 100, "stream": False},
-            }
-        },
-    }
-}
+REQUEST_BODY = request_body(
+    MaximizeRequest, {"target": 285, "steps": 100, "stream": False}, multipart=False
+)
 
 
 @router.post(

@@ -21,6 +21,7 @@ from schemas.models import (
 from schemas.predict import Prediction, PredictRequest, PredictResponse
 from service.inputs import read_image_request
 from service.observability import observe_stages
+from service.openapi import request_body
 from service.state import State
 from service.work import loaded_model, run_engine
 
@@ -38,27 +39,9 @@ WORK_ERRORS: dict[int | str, dict[str, object]] = {
     504: {"model": ErrorResponse, "description": "The work ran past its deadline."},
 }
 
-IMAGE_REQUEST_BODY: dict[str, object] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": PredictRequest.model_json_schema(),
-                "example": {"image": "<base64 of a PNG/JPEG/WebP>", "top_k": 5},
-            },
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "top_k": {"type": "integer", "minimum": 1, "maximum": 100},
-                    },
-                }
-            },
-        },
-    }
-}
+IMAGE_REQUEST_BODY = request_body(
+    PredictRequest, {"image": "<base64 of a PNG/JPEG/WebP>", "top_k": 5}
+)
 
 
 def _summary(entry: ModelEntry) -> ModelSummary:
