@@ -453,13 +453,13 @@ def _add_explain_parser(commands: "argparse._SubParsersAction[argparse.ArgumentP
 
 def _summary(args: argparse.Namespace) -> int:
     from engines.errors import EngineError
-    from engines.insight.views import load_graph, summarize, summary_text
+    from engines.insight.views import summarize, summary_text
 
     settings = Settings()
     repository = Path(args.repository) if args.repository else settings.model_repository
     try:
         model = _load_model(args.model, repository, settings)
-        graph = load_graph(model.model_path, model.sha256)
+        graph = model.graph
         summary = summarize(graph, model.input_name, model.config.input)
     except _Failure as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -28,6 +28,7 @@ from engines.graphs.context import (
 )
 from engines.graphs.derivatives import RULES
 from engines.graphs.normalize import at_gradient_opset, opset_of
+from engines.graphs.shapes import with_shapes
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def _dims(value: onnx.ValueInfoProto) -> Dims | None:
 
 def _graph_info(model: onnx.ModelProto) -> GraphInfo:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = with_shapes(model, strict=True)
     except Exception as exc:  # shape inference raises for models it finds inconsistent
         raise UnsupportedModel(f"shape inference failed on the model: {exc}") from exc
     graph = inferred.graph

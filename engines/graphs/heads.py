@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 from engines.errors import UnsupportedModel
 from engines.graphs.context import node_attribute
+from engines.graphs.shapes import with_shapes
 
 PASS_THROUGH = {"Flatten", "Reshape", "Squeeze", "Identity"}
 
@@ -37,11 +38,7 @@ def _reduce_axes(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # best effort: without shapes the rank check is skipped
-        inferred = model
-    graph = inferred.graph
+    graph = with_shapes(model).graph  # best effort: without shapes the rank check is skipped
     ranks: dict[str, int] = {}
     for value_info in [*graph.value_info, *graph.input, *graph.output]:
         tensor_type = value_info.type.tensor_type

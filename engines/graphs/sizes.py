@@ -5,6 +5,8 @@ import math
 import onnx
 from onnx import TensorProto
 
+from engines.graphs.shapes import with_shapes
+
 _ITEM_BYTES: dict[int, int] = {
     TensorProto.FLOAT: 4,
     TensorProto.FLOAT16: 2,
@@ -31,12 +33,7 @@ def activation_bytes(model: onnx.ModelProto, rows: int = 1) -> int:
     An upper bound of what onnxruntime holds during a run (its planner reuses buffers of
     tensors no longer read); shapes come from the graph's value_info, inferred if it has none.
     """
-    graph = model.graph
-    if len(graph.value_info) < len(graph.node) // 2:
-        try:
-            graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
-        except Exception:  # shape inference is best effort here: a bound from what is known
-            graph = model.graph
+    graph = with_shapes(model).graph  # best effort: a bound from what is known
     known = {*(v.name for v in graph.value_info)}
     outputs = [o for o in graph.output if o.name not in known]
     return sum(_value_bytes(v, rows) for v in [*graph.value_info, *outputs])

@@ -4,10 +4,7 @@ Pure onnx/numpy/OpenCV; no web imports.
 """
 
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from engines.errors import InvalidParameters, UnsupportedModel
+from engines.graphs.shapes import with_shapes
 from engines.imaging.render import minmax
 from engines.models.layers import shape_of
 from schemas.model_config import InputSpec
@@ -25,27 +23,6 @@ TILE_GAP = 1
 MIN_TILE_SIDE = 32
 MAX_FILTER_TILES = 1024
 MAX_NAME_COLUMN = 48
-
-_CACHE_SIZE = 4
-_cache: "OrderedDict[tuple[str, str], onnx.ModelProto]" = OrderedDict()
-_cache_lock = threading.Lock()
-
-
-def load_graph(model_path: Path, sha256: str) -> onnx.ModelProto:
-    """The ONNX model, kept for a few models (keyed by path and content hash)."""
-    key = (str(model_path), sha256)
-    with _cache_lock:
-        cached = _cache.get(key)
-        if cached is not None:
-            _cache.move_to_end(key)
-            return cached
-    model = onnx.load(str(model_path))
-    with _cache_lock:
-        _cache[key] = model
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return model
-
 
 # --- summary ---------------------------------------------------------------------------------
 
@@ -88,11 +65,7 @@ def summarize(model: onnx.ModelProto, input_name: str, spec: InputSpec) -> Summa
                 for dim, value in zip(dims, shape, strict=True):
                     dim.Clear()
                     dim.dim_value = value
-    try:
-        inferred = onnx.shape_inference.infer_shapes(fixed)
-    except Exception:  # shape inference is best effort: rows without shapes
-        inferred = fixed
-    graph = inferred.graph
+    graph = with_shapes(fixed).graph  # best effort: rows without shapes
     shapes: dict[str, Shape] = {}
     for value_info in [*graph.input, *graph.value_info, *graph.output]:
         found = shape_of(value_info)

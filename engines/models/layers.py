@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import onnx
 
 from engines.graphs.context import DEFAULT_DOMAINS, node_attribute
+from engines.graphs.shapes import with_shapes
 from schemas.model_config import InputSpec, Layout, channel_axis, spatial_axes
 
 # ONNX defines these on NCHW tensors: their (first) output is NCHW whatever fed them.
@@ -167,11 +168,7 @@ def _output_layout(
 def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
     """Node outputs that are 4-D feature maps of a known layout with a spatial extent above 1x1,
     in graph order."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shape inference is best effort; a model without shapes has no list
-        inferred = model
-    graph = inferred.graph
+    graph = with_shapes(model).graph  # best effort: a model without shapes has no list
     shapes: dict[str, tuple[int | str, ...]] = {}
     for value_info in [*graph.input, *graph.value_info, *graph.output]:
         shape = shape_of(value_info)

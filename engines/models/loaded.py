@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from engines.errors import EngineError, InferenceFailed, InvalidModel, InvalidParameters
 from engines.graphs.normalize import BatchMode, Normalized, fixed_batch_of_one, normalize
 from engines.graphs.prepared import GradientGraphs
+from engines.graphs.shapes import with_shapes
 from engines.graphs.sizes import activation_bytes
 from engines.imaging.decode import preprocess
 from engines.models.layers import LayerInfo, spatial_layers
@@ -177,8 +178,9 @@ class LoadedModel:
             graph_bytes = original.SerializeToString()
             forward = build_session(graph_bytes, options, self.weights)
         self.session = forward.session
-        self.graph: onnx.ModelProto = normalized.model
-        """The normalised model (engines.graphs.normalize) that every session runs."""
+        self.graph: onnx.ModelProto = with_shapes(normalized.model)
+        """The normalised model (engines.graphs.normalize) that every session runs, with its
+        inferred shapes (engines.graphs.shapes): the one parsed graph of the model."""
         self.batch_mode = normalized.batch
         self.graph_sha256 = hashlib.sha256(graph_bytes).hexdigest()
         self.layers: list[LayerInfo] = spatial_layers(self.graph, self.config.input)

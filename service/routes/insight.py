@@ -86,7 +86,7 @@ def _grid(grid: insight.Grid) -> PngGrid:
 
 
 def _summary(model: LoadedModel) -> insight.Summary:
-    graph = insight.load_graph(model.model_path, model.sha256)
+    graph = model.graph
     return insight.summarize(graph, model.input_name, model.config.input)
 
 
@@ -124,7 +124,7 @@ async def model_summary(
 def _filters(
     model: LoadedModel, layer: str | None, offset: int, limit: int, formats: set[str]
 ) -> tuple[insight.ConvWeights, np.ndarray, insight.FilterGrid | None]:
-    conv = insight.conv_weights(insight.load_graph(model.model_path, model.sha256), layer)
+    conv = insight.conv_weights(model.graph, layer)
     total = conv.weights.shape[0]
     if offset >= total:
         raise InvalidParameters(f"offset: {offset} is past the last filter ({total} filters)")
