@@ -1,8 +1,10 @@
-"""Engine maps -> the heatmap payloads of every explanation response, one per output format."""
+"""Rendered maps -> the heatmap payloads of every explanation response, one per format.
+
+The pixel work is `engines.imaging.render`'s (one call, `render_maps`); this is the shaping:
+base64 and the response schemas, and the size check of `json` before any work.
+"""
 
 import base64
-from collections.abc import Callable
-from functools import cached_property
 
 import numpy as np
 
@@ -45,22 +47,19 @@ def render_maps(
     maps: list[np.ndarray], image: np.ndarray, spec: InputSpec, options: OutputOptions
 ) -> list[list[HeatmapPayload]]:
     """Maps at model resolution -> for each, the payloads of every requested format."""
-    geometry = render.output_geometry(image.shape[0], image.shape[1], spec, options.size)
-    base = render.base_image(image, spec, options.size) if "overlay" in options.formats else None
-    return [heatmap_payloads(render.place_map(m, geometry), options, base) for m in maps]
+    if "json" in options.formats:
+        check_output(options, image.shape, spec)
+    rendered = render.render_maps(maps, image, spec, options)
+    return [[payload(encoded, options) for encoded in formats] for formats in rendered]
 
 
 def heatmap_payloads(
     heatmap: np.ndarray, options: OutputOptions, base_image: np.ndarray | None = None
 ) -> list[HeatmapPayload]:
-    """A map already at the output size -> its payloads in request order.
-
-    `base_image` (RGB at the map's size) is needed only for `overlay`.
-    """
-    if heatmap.ndim != 2:
-        raise ValueError(f"a heatmap is 2-D, got shape {heatmap.shape}")
-    payloads = _Payloads(heatmap, options, base_image)
-    return [payloads.build(fmt) for fmt in options.formats]
+    """A map already at the output size -> its payloads in request order."""
+    if "json" in options.formats:
+        _check_json_size(*heatmap.shape[:2])
+    return [payload(e, options) for e in render.encode_map(heatmap, options, base_image)]
 
 
 def heatmap_payload(
@@ -71,96 +70,40 @@ def heatmap_payload(
     return heatmap_payloads(heatmap, chosen, base_image)[0]
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-class _Payloads:
-    """Builds payloads of one map, sharing the normalised and 8-bit colored maps between them."""
-
-    def __init__(
-        self, heatmap: np.ndarray, options: OutputOptions, base_image: np.ndarray | None
-    ) -> None:
-        self.options = options
-        self.base_image = base_image
-        self.normalized = render.normalize(heatmap, options.normalize, options.percentile)
-        self.shape = (int(heatmap.shape[0]), int(heatmap.shape[1]))
-        self.builders: dict[HeatmapFormat, Callable[[], HeatmapPayload]] = {
-            "png": self._png,
-            "png16": self._png16,
-            "colormap": self._colormap,
-            "overlay": self._overlay,
-            "array": self._array,
-            "json": self._json,
-        }
-
-    def build(self, fmt: HeatmapFormat) -> HeatmapPayload:
-        return self.builders[fmt]()
-
-    @property
-    def _image_normalize(self) -> ImageNormalization:
-        # The options validator keeps `none` away from PNG formats.
-        assert self.options.normalize != "none"
-        return self.options.normalize
-
-    @cached_property
-    def _gray8(self) -> np.ndarray:
-        return render.to_gray8(self.normalized.values)
-
-    @cached_property
-    def _colored(self) -> np.ndarray:
-        return render.colorize(self._gray8, self.options.colormap)
-
-    def _png(self) -> HeatmapPayload:
-        return PngHeatmap(
-            data=_b64(render.encode_png(self._gray8)),
-            normalize=self._image_normalize,
-            source_range=self.normalized.source_range,
-        )
-
-    def _png16(self) -> HeatmapPayload:
-        return Png16Heatmap(
-            data=_b64(render.encode_png(render.to_gray16(self.normalized.values))),
-            normalize=self._image_normalize,
-            source_range=self.normalized.source_range,
-        )
-
-    def _colormap(self) -> HeatmapPayload:
-        return ColormapHeatmap(
-            colormap=self.options.colormap,
-            data=_b64(render.encode_png(self._colored)),
-            normalize=self._image_normalize,
-            source_range=self.normalized.source_range,
-        )
-
-    def _overlay(self) -> HeatmapPayload:
-        if self.base_image is None:
-            raise ValueError("an overlay needs the image")
-        blended = render.overlay(self._colored, self.base_image, self.options.alpha)
-        return OverlayHeatmap(
-            colormap=self.options.colormap,
-            alpha=self.options.alpha,
-            data=_b64(render.encode_png(blended)),
-            normalize=self._image_normalize,
-            source_range=self.normalized.source_range,
-        )
-
-    def _array(self) -> HeatmapPayload:
-        data = render.encode_floats(self.normalized.values, self.options.dtype)
-        return ArrayHeatmap(
-            dtype=self.options.dtype,
-            shape=self.shape,
-            normalize=self.options.normalize,
-            source_range=self.normalized.source_range,
-            data=_b64(data),
-        )
-
-    def _json(self) -> HeatmapPayload:
-        _check_json_size(*self.shape)
-        values: list[list[float]] = self.normalized.values.astype(np.float32).tolist()
+def payload(encoded: render.Encoded, options: OutputOptions) -> HeatmapPayload:
+    """One rendered format as its response schema."""
+    found = encoded.source_range
+    if encoded.format == "json":
+        assert encoded.values is not None
+        values: list[list[float]] = encoded.values.tolist()
         return JsonHeatmap(
-            shape=self.shape,
-            normalize=self.options.normalize,
-            source_range=self.normalized.source_range,
-            values=values,
+            shape=encoded.shape, normalize=options.normalize, source_range=found, values=values
         )
+    assert encoded.data is not None
+    data = base64.b64encode(encoded.data).decode()
+    if encoded.format == "array":
+        return ArrayHeatmap(
+            dtype=options.dtype,
+            shape=encoded.shape,
+            normalize=options.normalize,
+            source_range=found,
+            data=data,
+        )
+    # The options validator keeps `none` away from PNG formats.
+    assert options.normalize != "none"
+    normalize: ImageNormalization = options.normalize
+    if encoded.format == "png":
+        return PngHeatmap(data=data, normalize=normalize, source_range=found)
+    if encoded.format == "png16":
+        return Png16Heatmap(data=data, normalize=normalize, source_range=found)
+    if encoded.format == "colormap":
+        return ColormapHeatmap(
+            colormap=options.colormap, data=data, normalize=normalize, source_range=found
+        )
+    return OverlayHeatmap(
+        colormap=options.colormap,
+        alpha=options.alpha,
+        data=data,
+        normalize=normalize,
+        source_range=found,
+    )

@@ -12,7 +12,8 @@ import numpy as np
 
 from engines.errors import InvalidParameters
 from engines.imaging.decode import Region, fit_to_input, input_region, resize_image
-from schemas.heatmap import PNG16_MAX, ColormapName, FloatDtype, Normalization
+from schemas.explain import OutputOptions
+from schemas.heatmap import PNG16_MAX, ColormapName, FloatDtype, HeatmapFormat, Normalization
 from schemas.model_config import InputSpec
 
 OutputSize = Literal["input", "model"] | tuple[int, int]
@@ -178,3 +179,70 @@ def encode_floats(values: np.ndarray, dtype: FloatDtype = "float32") -> bytes:
             )
         return np.ascontiguousarray(values, dtype="<f2").tobytes()
     return np.ascontiguousarray(values, dtype="<f4").tobytes()
+
+
+# --- one call: maps -> every requested format --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One map in one output format: PNG or float bytes (`data`), or the values (`json`)."""
+
+    format: HeatmapFormat
+    source_range: tuple[float, float] | None
+    shape: tuple[int, int]
+    data: bytes | None = None
+    values: np.ndarray | None = None
+
+
+def render_maps(
+    maps: list[np.ndarray], image: np.ndarray, spec: InputSpec, options: OutputOptions
+) -> list[list[Encoded]]:
+    """Maps at model resolution -> each placed at the output size, in every requested format.
+
+    `image` is the decoded upload (RGB), read for the geometry and for `overlay`."""
+    geometry = output_geometry(image.shape[0], image.shape[1], spec, options.size)
+    base = base_image(image, spec, options.size) if "overlay" in options.formats else None
+    return [encode_map(place_map(m, geometry), options, base) for m in maps]
+
+
+def encode_map(
+    heatmap: np.ndarray, options: OutputOptions, base_image: np.ndarray | None = None
+) -> list[Encoded]:
+    """A map already at the output size -> its formats, in request order; the normalised,
+    8-bit and colored maps are made once for all of them. `base_image` (RGB at the map's
+    size) is read only by `overlay`."""
+    if heatmap.ndim != 2:
+        raise ValueError(f"a heatmap is 2-D, got shape {heatmap.shape}")
+    normalized = normalize(heatmap, options.normalize, options.percentile)
+    shape = (int(heatmap.shape[0]), int(heatmap.shape[1]))
+    made: dict[str, np.ndarray] = {}
+
+    def gray8() -> np.ndarray:
+        if "gray8" not in made:
+            made["gray8"] = to_gray8(normalized.values)
+        return made["gray8"]
+
+    def colored() -> np.ndarray:
+        if "colored" not in made:
+            made["colored"] = colorize(gray8(), options.colormap)
+        return made["colored"]
+
+    def one(fmt: HeatmapFormat) -> Encoded:
+        found = normalized.source_range
+        if fmt == "png":
+            return Encoded(fmt, found, shape, data=encode_png(gray8()))
+        if fmt == "png16":
+            return Encoded(fmt, found, shape, data=encode_png(to_gray16(normalized.values)))
+        if fmt == "colormap":
+            return Encoded(fmt, found, shape, data=encode_png(colored()))
+        if fmt == "overlay":
+            if base_image is None:
+                raise ValueError("an overlay needs the image")
+            blended = overlay(colored(), base_image, options.alpha)
+            return Encoded(fmt, found, shape, data=encode_png(blended))
+        if fmt == "array":
+            return Encoded(fmt, found, shape, data=encode_floats(normalized.values, options.dtype))
+        return Encoded(fmt, found, shape, values=normalized.values.astype(np.float32))
+
+    return [one(fmt) for fmt in options.formats]
