@@ -18,7 +18,6 @@ COPY pyproject.toml README.md /src/
 COPY service /src/service
 COPY engines /src/engines
 COPY schemas /src/schemas
-COPY client /src/client
 
 # ---- the default model, built once for both images (its build tools stay here) -------------
 FROM python:3.12-slim AS models

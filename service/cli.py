@@ -19,8 +19,8 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     import numpy as np
+    from onnx_explain_client import ExplainResult, ExplanationResult
 
-    from client import ExplainResult, ExplanationResult
     from engines.methods.pipeline import Explainer
     from engines.models.loaded import LoadedModel
     from schemas.explain import ExplainRequest, ExplainResponse
@@ -227,7 +227,7 @@ def _explain_call(args: argparse.Namespace) -> _ExplainCall:
 
 
 def _explain_remote(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResult":
-    from client import DEFAULT_URL, ClientError, ExplainClient, ServiceError
+    from onnx_explain_client import DEFAULT_URL, ClientError, ExplainClient, ServiceError
 
     url = args.url or DEFAULT_URL
     try:
@@ -251,15 +251,20 @@ def _explain_remote(call: _ExplainCall, args: argparse.Namespace) -> "ExplainRes
 
 
 def _explain_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResult":
+    from onnx_explain_client import ExplainResult
+    from onnx_explain_client.schemas.explain import ExplainResponse as WireResponse
     from pydantic import ValidationError
 
-    from client import ExplainResult
     from engines.errors import EngineError
     from service.errors import ServiceError as RequestError
     from service.errors import describe_validation_error
 
     try:
-        return ExplainResult.from_response(_run_local(call, args))
+        # Through its JSON, as the service would send it: the client reads its own schema types.
+        response = _run_local(call, args)
+        return ExplainResult.from_response(
+            WireResponse.model_validate_json(response.model_dump_json())
+        )
     except (EngineError, RequestError) as exc:
         raise _Failure(exc.message) from exc
     except ValidationError as exc:

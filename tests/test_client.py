@@ -11,8 +11,8 @@ import cv2
 import httpx
 import numpy as np
 import pytest
+from onnx_explain_client import ClientError, ConnectionFailed, ExplainClient, ServiceError
 
-from client import ClientError, ConnectionFailed, ExplainClient, ServiceError
 from tests.images import encode, photo
 from tests.servers import free_port, start_service
 

@@ -1,6 +1,6 @@
 """A typed Python client for the onnx-explain HTTP API.
 
-from client import ExplainClient
+from onnx_explain_client import ExplainClient
 
 with ExplainClient("http://127.0.0.1:8000") as service:
     result = service.explain("cat.png", "efficientnet-lite0", "gradcam",
@@ -10,9 +10,15 @@ with ExplainClient("http://127.0.0.1:8000") as service:
     explanation.get("overlay").png      # PNG bytes
 """
 
-from client.errors import ClientError, ConnectionFailed, ServiceError
-from client.http import DEFAULT_URL, ExplainClient, ImageSource, encode_png, image_bytes
-from client.results import DecodedHeatmap, ExplainResult, ExplanationResult, decode_png
+from onnx_explain_client.errors import ClientError, ConnectionFailed, ServiceError
+from onnx_explain_client.http import (
+    DEFAULT_URL,
+    ExplainClient,
+    ImageSource,
+    encode_png,
+    image_bytes,
+)
+from onnx_explain_client.results import DecodedHeatmap, ExplainResult, ExplanationResult, decode_png
 
 __all__ = [
     "DEFAULT_URL",

@@ -1,6 +1,7 @@
 """`ExplainClient`: the service's HTTP API as typed Python calls, over httpx."""
 
 import base64
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -8,18 +9,18 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
-import cv2
 import httpx
 import numpy as np
+import png
 from pydantic import BaseModel, ValidationError
 
-from client.errors import ClientError, ConnectionFailed, ServiceError
-from client.results import ExplainResult
-from schemas.errors import ErrorResponse
-from schemas.explain import ExplainResponse, OutputOptions, ParamValue, Target
-from schemas.heatmap import HeatmapFormat
-from schemas.models import ModelInfo, ModelList, ModelSummary, Readiness
-from schemas.predict import PredictResponse
+from onnx_explain_client.errors import ClientError, ConnectionFailed, ServiceError
+from onnx_explain_client.results import ExplainResult
+from onnx_explain_client.schemas.errors import ErrorResponse
+from onnx_explain_client.schemas.explain import ExplainResponse, OutputOptions, ParamValue, Target
+from onnx_explain_client.schemas.heatmap import HeatmapFormat
+from onnx_explain_client.schemas.models import ModelInfo, ModelList, ModelSummary, Readiness
+from onnx_explain_client.schemas.predict import PredictResponse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 120.0
@@ -39,10 +40,11 @@ def encode_png(image: np.ndarray) -> bytes:
         raise ClientError(
             f"an image array must be RGB uint8 of shape (H, W, 3), got {image.dtype} {image.shape}"
         )
-    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]))
-    if not ok:
-        raise ClientError("the image array could not be encoded as PNG")
-    return bytes(buffer)
+    height, width = image.shape[:2]
+    buffer = io.BytesIO()
+    writer = png.Writer(width, height, greyscale=False, bitdepth=8)
+    writer.write(buffer, np.ascontiguousarray(image).reshape(height, width * 3))
+    return buffer.getvalue()
 
 
 def image_bytes(image: ImageSource) -> bytes:

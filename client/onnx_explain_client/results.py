@@ -4,12 +4,12 @@ import base64
 import binascii
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
+import png
 
-from client.errors import ClientError
-from schemas.explain import ExplainResponse, Explanation
-from schemas.heatmap import (
+from onnx_explain_client.errors import ClientError
+from onnx_explain_client.schemas.explain import ExplainResponse, Explanation
+from onnx_explain_client.schemas.heatmap import (
     PNG16_MAX,
     PNG_FORMATS,
     ArrayHeatmap,
@@ -17,7 +17,7 @@ from schemas.heatmap import (
     HeatmapPayload,
     JsonHeatmap,
 )
-from schemas.predict import Prediction
+from onnx_explain_client.schemas.predict import Prediction
 
 # The most exact float map first when an explanation carries several formats.
 VALUE_PREFERENCE: tuple[HeatmapFormat, ...] = ("array", "json", "png16", "png")
@@ -27,14 +27,16 @@ _ARRAY_DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2"}
 
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> (H, W) gray (uint8 or uint16) or (H, W, 3) RGB pixels."""
-    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if pixels is None:
-        raise ClientError("the service sent a PNG that cannot be decoded")
-    if pixels.ndim == 3:
-        rgb: np.ndarray = np.ascontiguousarray(pixels[:, :, 2::-1])
-        return rgb
-    gray: np.ndarray = pixels
-    return gray
+    try:
+        width, height, rows, info = png.Reader(bytes=data).read_flat()
+    except png.Error as exc:
+        raise ClientError("the service sent a PNG that cannot be decoded") from exc
+    planes = int(info["planes"])
+    dtype = np.uint16 if int(info["bitdepth"]) > 8 else np.uint8
+    pixels = np.asarray(rows, dtype=dtype).reshape(height, width, planes)
+    if info.get("palette") or planes not in (1, 3):
+        raise ClientError(f"the service sent a PNG with {planes} planes; maps are gray or RGB")
+    return pixels[:, :, 0] if planes == 1 else pixels
 
 
 def _b64decode(data: str) -> bytes:
