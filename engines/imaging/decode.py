@@ -3,6 +3,17 @@
 The header of every image is parsed by hand before any pixel is decoded, so a tiny file that
 claims enormous dimensions is refused without allocating them. The EXIF Orientation tag is read by
 hand too and applied after decoding, so images from phones come out as viewers show them.
+
+Why by hand and not with Pillow's lazy `Image.open` (`python -m benchmarks.image_headers`, on
+the hostile-image corpus of the tests, the EXIF cases and ordinary photos): both are memory-safe
+here (these parsers are Python slicing that can only raise, caught as `invalid_image`; the
+pixels are then decoded by OpenCV under its own pixel limit), and both refuse every hostile file
+the tests hold. Pillow reads a PNG header by walking every chunk with its CRC (2.4 ms for a
+235 KiB photo against 1.4 us here; 79 against 1.3 us for WebP), refuses bombs against its own
+limit rather than `MAX_IMAGE_PIXELS` (so a 413 becomes an error type to translate), opens
+formats we do not serve (GIF), and reads an Orientation stored against the EXIF spec (as a LONG,
+or with two values) where we take the file as unrotated. Same safety, a dependency less, and
+answers that follow the settings: we keep these.
 """
 
 import struct
