@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import cv2
-import httpx
+import httpx2
 import numpy as np
 import uvloop
 
@@ -195,9 +195,9 @@ def start_server(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+            if httpx2.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
                 return process
-        except httpx.HTTPError:
+        except httpx2.HTTPError:
             pass
         time.sleep(0.2)
     process.kill()

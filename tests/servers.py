@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+import httpx2
 
 
 def free_port() -> int:
@@ -28,9 +28,9 @@ def wait_until_ready(
 
     while True:
         try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+            if httpx2.get(f"{base}/readyz", timeout=1).status_code == 200:
                 return
-        except httpx.TransportError:
+        except httpx2.TransportError:
             pass
         assert process.poll() is None, f"server exited:{output()}"
         assert time.monotonic() < deadline, f"server did not become ready:{output()}"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
-import httpx
+import httpx2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -247,7 +247,7 @@ def test_page_shows_the_service_error_for_a_file_that_is_not_an_image(
 
     fake = tmp_path / "notes.png"
     fake.write_text("this is a text file, not a PNG\n")
-    answer = httpx.post(
+    answer = httpx2.post(
         f"{server}/v1/models/efficientnet-lite0/predict",
         json={"image": base64.b64encode(fake.read_bytes()).decode()},
         timeout=10,

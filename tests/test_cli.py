@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 
 from service.cli import main
@@ -44,10 +44,10 @@ def test_serve_answers_over_a_real_socket(tiny_repository_dir: Path) -> None:
     try:
         wait_until_ready(base, process)
         image = base64.b64encode(encode(solid((250, 5, 5)))).decode()
-        response = httpx.post(f"{base}/v1/models/tiny/predict", json={"image": image}, timeout=10)
+        response = httpx2.post(f"{base}/v1/models/tiny/predict", json={"image": image}, timeout=10)
         assert response.status_code == 200
         assert response.json()["predictions"][0]["label"] == "red"
-        assert httpx.get(f"{base}/v1/models/nope", timeout=5).status_code == 404
+        assert httpx2.get(f"{base}/v1/models/nope", timeout=5).status_code == 404
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import httpx
+import httpx2
 import numpy as np
 import pytest
 from onnx_explain_client import ClientError, ConnectionFailed, ExplainClient, ServiceError
@@ -170,13 +170,13 @@ def test_a_closed_port_is_a_client_error() -> None:
 
 
 def test_the_api_key_is_sent_and_foreign_errors_are_service_errors() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
 
-    def gateway(request: httpx.Request) -> httpx.Response:
+    def gateway(request: httpx2.Request) -> httpx2.Response:
         seen.append(request)
-        return httpx.Response(502, text="<html>Bad Gateway</html>")
+        return httpx2.Response(502, text="<html>Bad Gateway</html>")
 
-    transport = httpx.MockTransport(gateway)
+    transport = httpx2.MockTransport(gateway)
     with (
         ExplainClient("http://service", api_key="s3cret", transport=transport) as service,
         pytest.raises(ServiceError) as caught,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-import httpx
+import httpx2
 import numpy as np
 import onnx
 import pytest
@@ -71,21 +71,21 @@ def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
 
 def answers(url: str, status: int) -> bool:
     try:
-        return httpx.get(url, timeout=1).status_code == status
-    except httpx.TransportError:
+        return httpx2.get(url, timeout=1).status_code == status
+    except httpx2.TransportError:
         return False
 
 
 def refuses(url: str) -> bool:
     try:
-        httpx.get(url, timeout=1)
-    except httpx.TransportError:
+        httpx2.get(url, timeout=1)
+    except httpx2.TransportError:
         return True
     return False
 
 
 def in_flight(base: str) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=1).text
+    text = httpx2.get(f"{base}/metrics", timeout=1).text
     found = re.search(r"^onnx_explain_requests_in_flight (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
@@ -132,7 +132,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(
     outcome: dict[str, object] = {}
 
     def slow_request() -> None:
-        response = httpx.post(f"{base}/v1/models/slow/predict", json={"image": image}, timeout=30)
+        response = httpx2.post(f"{base}/v1/models/slow/predict", json={"image": image}, timeout=30)
         outcome["status"] = response.status_code
         outcome["label"] = response.json()["predictions"][0]["label"]
         outcome["finished"] = time.monotonic()
@@ -144,7 +144,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(
     process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
 
-    readiness = httpx.get(f"{base}/readyz", timeout=2)
+    readiness = httpx2.get(f"{base}/readyz", timeout=2)
     assert readiness.status_code == 503
     assert readiness.json()["status"] == "draining"
     assert readiness.headers["connection"] == "close"

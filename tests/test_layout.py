@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ROOMS = ("errors", "runtime", "graphs", "imaging", "models", "methods", "insight")
 """In order: a module of a room may import its own room and the rooms before it."""
-WEB = ("fastapi", "starlette", "uvicorn", "httpx", "service", "client")
+WEB = ("fastapi", "starlette", "uvicorn", "httpx", "httpx2", "service", "onnx_explain_client")
 
 
 def _imports(path: Path) -> set[str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import numpy as np
 import pytest
 
@@ -85,7 +85,7 @@ class Zoo:
     png_base64: str
     export_seconds: float
     base: str
-    client: httpx.Client
+    client: httpx2.Client
     activation_checks: dict[str, str | None]
     """export -> None when its default layer matches torch's feature map, else why not."""
 
@@ -103,8 +103,8 @@ class Zoo:
         with np.load(self.root / export / "reference.npz") as data:
             return {key: data[key] for key in data.files}
 
-    def post(self, export: str, route: str, body: dict[str, Any]) -> httpx.Response:
-        response: httpx.Response = self.client.post(
+    def post(self, export: str, route: str, body: dict[str, Any]) -> httpx2.Response:
+        response: httpx2.Response = self.client.post(
             f"{self.base}/v1/models/{export}/{route}",
             json={"image": self.png_base64, **body},
             timeout=REQUEST_TIMEOUT_SECONDS,
@@ -136,7 +136,7 @@ def wait_for_models(base: str, names: list[str], seconds: float = 300) -> None:
     """Until no model is still loading (the service prepares each one at start-up)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        listed = httpx.get(f"{base}/v1/models", timeout=10).json()["models"]
+        listed = httpx2.get(f"{base}/v1/models", timeout=10).json()["models"]
         states = {m["name"]: m["state"] for m in listed}
         if all(states.get(name, "loading") != "loading" for name in names):
             return
@@ -167,7 +167,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zoo]:
     try:
         wait_until_ready(base, process, log, seconds=300)
         wait_for_models(base, [name for name, e in exports.items() if "error" not in e])
-        with httpx.Client() as client:
+        with httpx2.Client() as client:
             yield Zoo(
                 root=root,
                 manifest=exports,
@@ -187,7 +187,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zoo]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def fail_with_body(what: str, response: httpx.Response) -> None:
+def fail_with_body(what: str, response: httpx2.Response) -> None:
     pytest.fail(f"{what}: HTTP {response.status_code}: {response.text[:1500]}")
 
 

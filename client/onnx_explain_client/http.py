@@ -1,4 +1,4 @@
-"""`ExplainClient`: the service's HTTP API as typed Python calls, over httpx."""
+"""`ExplainClient`: the service's HTTP API as typed Python calls, over httpx2."""
 
 import base64
 import io
@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
-import httpx
+import httpx2
 import numpy as np
 import png
 from pydantic import BaseModel, ValidationError
@@ -73,7 +73,7 @@ def output_options(
     return options
 
 
-def _service_error(response: httpx.Response) -> ServiceError:
+def _service_error(response: httpx2.Response) -> ServiceError:
     try:
         error = ErrorResponse.model_validate_json(response.content).error
     except ValidationError:
@@ -99,17 +99,17 @@ class ExplainClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         api_key: str | None = None,
         *,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx2.BaseTransport | None = None,
     ) -> None:
         """`timeout` in seconds for each call (None: wait forever); `transport` replaces
-        httpx's own (e.g. `httpx.HTTPTransport(retries=3)`)."""
+        httpx's own (e.g. `httpx2.HTTPTransport(retries=3)`)."""
         if not base_url.startswith(("http://", "https://")):
             raise ClientError(f"base_url must start with http:// or https://, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         headers = {"accept": "application/json"}
         if api_key is not None:
             headers[API_KEY_HEADER] = api_key
-        self._http = httpx.Client(
+        self._http = httpx2.Client(
             base_url=self.base_url, timeout=timeout, headers=headers, transport=transport
         )
 
@@ -189,24 +189,24 @@ class ExplainClient:
         path = f"/v1/models/{quote(name, safe='')}"
         return f"{path}/{action}" if action else path
 
-    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx2.Response:
         where = f"{self.base_url}{path}"
         try:
             return self._http.request(method, path, json=body)
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise ConnectionFailed(f"no answer from {where} in time ({exc})") from exc
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise ConnectionFailed(f"cannot reach {where}: {exc}") from exc
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             raise ClientError(f"{method} {where} failed: {exc}") from exc
 
-    def _answer(self, schema: type[Answer], response: httpx.Response) -> Answer:
+    def _answer(self, schema: type[Answer], response: httpx2.Response) -> Answer:
         if not response.is_success:
             raise _service_error(response)
         return self._parse(schema, response)
 
     @staticmethod
-    def _parse(schema: type[Answer], response: httpx.Response) -> Answer:
+    def _parse(schema: type[Answer], response: httpx2.Response) -> Answer:
         try:
             return schema.model_validate_json(response.content)
         except ValidationError as exc:
