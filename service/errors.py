@@ -71,7 +71,7 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
     )
 
 
-def _engine_status(exc: engine_errors.EngineError) -> int:
+def engine_status(exc: engine_errors.EngineError) -> int:
     for cls in type(exc).__mro__:
         if cls in ENGINE_ERROR_STATUS:
             return ENGINE_ERROR_STATUS[cls]
@@ -94,7 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_engine_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, engine_errors.EngineError)
-        status = _engine_status(exc)
+        status = engine_status(exc)
         if status == 500:
             log.error("engine error %s: %s", exc.code, exc.message, exc_info=exc)
         return error_response(status, exc.code, exc.message)
