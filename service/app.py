@@ -22,7 +22,7 @@ from service.metrics import ServiceMetrics
 from service.metrics import router as metrics_router
 from service.middleware import BodyLimitMiddleware
 from service.observability import RequestContextMiddleware
-from service.routes import explain, health, insight, models, oip
+from service.routes import explain, health, insight, kserve, models, oip
 from service.routes import maximize as maximize_routes
 from service.settings import Settings
 from service.state import ServiceState
@@ -93,6 +93,7 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
     app.add_middleware(RequestContextMiddleware, metrics=metrics, drain=drain, repository=repo)
     app.include_router(health.router)
     app.include_router(metrics_router)
+    app.include_router(kserve.router)
     app.include_router(models.router)
     app.include_router(explain.router)
     app.include_router(insight.router)
