@@ -496,3 +496,52 @@ def test_dockerfile_passes_hadolint() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- KServe ----------------------------------------------------------------------------------
+
+INFERENCE_SERVICE = DEPLOY / "kserve" / "inferenceservice.yaml"
+KSERVE_CONTAINER = "kserve-container"  # the name KServe requires of a custom predictor
+
+
+def _inference_service() -> dict[str, Any]:
+    (doc,) = load_documents(INFERENCE_SERVICE)
+    return doc
+
+
+def test_the_inference_service_is_a_custom_predictor_probed_on_the_v2_health_routes() -> None:
+    doc = _inference_service()
+    assert (doc["apiVersion"], doc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    predictor = doc["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == KSERVE_CONTAINER
+    assert resolve_port(container, "http1") == CONTAINER_PORT
+    paths = {
+        name: container[name]["httpGet"]["path"] for name in ("livenessProbe", "readinessProbe")
+    }
+    assert paths == {"livenessProbe": "/v2/health/live", "readinessProbe": "/v2/health/ready"}
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert resolve_port(container, container[probe]["httpGet"]["port"]) == CONTAINER_PORT
+    env = container_env(container)
+    known = {f"ONNX_EXPLAIN_{name.upper()}" for name in Settings.model_fields}
+    assert set(env) <= known, set(env) - known
+    assert float(predictor["terminationGracePeriodSeconds"]) > service_grace_seconds()
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_predictors_pod_matches_the_kubernetes_pod_schema() -> None:
+    """KServe's predictor is a pod spec with replica bounds: checked as a Pod, strictly."""
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.skip("kubernetes-validate is not installed (it is in the `dev` extra)")
+    predictor = dict(_inference_service()["spec"]["predictor"])
+    for kserve_field in ("minReplicas", "maxReplicas"):
+        predictor.pop(kserve_field)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": predictor}
+    for version in [*KUBERNETES_VERSIONS, kubernetes_validate.latest_version()]:
+        try:
+            kubernetes_validate.validate(pod, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(part) for part in exc.path)
+            pytest.fail(f"predictor pod (Kubernetes {version}) at {path}: {exc.message}")
