@@ -22,7 +22,7 @@ from service.metrics import ServiceMetrics
 from service.metrics import router as metrics_router
 from service.middleware import BodyLimitMiddleware
 from service.observability import RequestContextMiddleware
-from service.routes import explain, health, insight, kserve, models, oip
+from service.routes import explain, health, insight, kserve, labelstudio, models, oip
 from service.routes import maximize as maximize_routes
 from service.settings import Settings
 from service.state import ServiceState
@@ -99,6 +99,7 @@ def create_app(settings: Settings, repository: ModelRepository | None = None) ->
     app.include_router(insight.router)
     app.include_router(maximize_routes.router)
     app.include_router(oip.router)
+    app.include_router(labelstudio.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

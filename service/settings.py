@@ -146,6 +146,33 @@ class Settings(BaseSettings):
         description="Comma-separated keys accepted in `X-API-Key`; empty = no authentication. "
         "Placeholders and keys under 16 characters are refused at start-up.",
     )
+    label_studio_url: str = Field(
+        default="",
+        max_length=512,
+        description="The Label Studio the ML backend (/label-studio/{model}) fetches task images "
+        "from, e.g. `http://label-studio:8080`; nothing else is fetched (data: URIs aside). Empty: "
+        "data: URIs only.",
+    )
+    label_studio_api_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="Sent as `Authorization: Token <key>` when fetching task images.",
+    )
+    label_studio_method: str = Field(
+        default="gradcam",
+        max_length=64,
+        description="The explanation method of the Label Studio backend, unless a project's "
+        "`extra_params` names another.",
+    )
+    label_studio_brush_fraction: float = Field(
+        default=0.2,
+        gt=0.0,
+        le=1.0,
+        description="The share of the image a `brushlabels` region covers: the map's top "
+        "fraction (a project's `extra_params` may set `brush_fraction`).",
+    )
+    label_studio_fetch_timeout_seconds: float = Field(
+        default=10.0, gt=0.0, le=120.0, description="Timeout of one task image fetch."
+    )
     shutdown_grace_seconds: int = Field(
         default=20,
         ge=1,
