@@ -15,8 +15,13 @@ CHROMIUM ?= /usr/bin/chromium
 ZOO_VENV := .venv-zoo
 ZOO_BIN := $(ZOO_VENV)/bin
 ZOO_REQUIREMENTS := tests/zoo/requirements.txt
+# The Label Studio tests (tests/test_labelstudio.py) start a real Label Studio (and use its SDK)
+# from a venv of its own: it pins many dependencies of its own (Django, numpy, pandas, ...).
+LS_VENV := .venv-labelstudio
+LS_BIN := $(LS_VENV)/bin
+LS_VERSION := 1.23.2
 
-.PHONY: serve test lint typecheck unit browser model clean $(ZOO_VENV)
+.PHONY: serve test lint typecheck unit browser model clean $(ZOO_VENV) $(LS_VENV)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,10 +77,19 @@ $(ZOO_VENV)/.installed: $(ZOO_REQUIREMENTS)
 
 $(ZOO_VENV): $(ZOO_VENV)/.installed
 
-unit: $(VENV)/.installed-dev browser $(ZOO_VENV)
-	ONNX_EXPLAIN_ZOO_PYTHON=$(abspath $(ZOO_BIN)/python) $(BIN)/pytest
+$(LS_VENV)/.installed-$(LS_VERSION):
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_BIN)/python -m pip install --quiet --upgrade pip
+	$(LS_BIN)/pip install --quiet label-studio==$(LS_VERSION)
+	touch $@
+
+$(LS_VENV): $(LS_VENV)/.installed-$(LS_VERSION)
+
+unit: $(VENV)/.installed-dev browser $(ZOO_VENV) $(LS_VENV)
+	ONNX_EXPLAIN_ZOO_PYTHON=$(abspath $(ZOO_BIN)/python) \
+	ONNX_EXPLAIN_LABEL_STUDIO_PYTHON=$(abspath $(LS_BIN)/python) $(BIN)/pytest
 
 test: lint typecheck unit
 
 clean:
-	rm -rf $(VENV) $(ZOO_VENV) $(MODELS) cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(ZOO_VENV) $(LS_VENV) $(MODELS) cache .mypy_cache .ruff_cache .pytest_cache

@@ -1,29 +1,33 @@
-"""The Label Studio ML backend: its contract, brushes Label Studio's own SDK decodes onto the
-cat in chelsea, and task images fetched from the configured Label Studio only.
+"""The Label Studio ML backend: a real Label Studio connects it, imports a task and fetches its
+predictions; brushes Label Studio's own SDK decodes onto the cat in chelsea; task images
+fetched from the configured Label Studio only.
 
-Task images are served by a real HTTP server standing in for Label Studio's uploads (it checks
-the token), beside a foreign server that must never be reached. The brush RLE is decoded and
-each prediction validated by label-studio-sdk (its `converter.brush.decode_rle` and
-`LabelInterface.validate_prediction`), installed in a throwaway venv of its own: it pins its
-own numpy, pandas and OpenCV.
+Label Studio and its SDK (`label-studio`, pinned in the Makefile) live in `.venv-labelstudio`,
+which `make unit` builds and names in ONNX_EXPLAIN_LABEL_STUDIO_PYTHON: they pin their own
+Django, numpy, pandas and OpenCV. The SSRF tests serve task images from a real HTTP server
+standing in for Label Studio's uploads (it checks the token), beside a foreign server that must
+never be reached.
 """
 
 import base64
 import json
+import os
 import subprocess
 import threading
-import venv
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import make_client
 from tests.images import encode, photo
+from tests.servers import free_port, start_service, wait_until_ready
 
 MODEL = "efficientnet-lite0"
 TOKEN = "label-studio-token-for-tests"
@@ -125,18 +129,19 @@ def backend(default_model_dir: Path, servers: dict[str, Any]) -> Iterator[TestCl
         yield client
 
 
+LS_PYTHON = os.environ.get("ONNX_EXPLAIN_LABEL_STUDIO_PYTHON", "")
+
+
 @pytest.fixture(scope="module")
-def sdk_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("label-studio-sdk")
-    venv.create(folder, with_pip=True)
-    python = folder / "bin" / "python"
-    installed = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "label-studio-sdk>=2"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert installed.returncode == 0, installed.stderr[-2000:]
+def sdk_python() -> Path:
+    """The python of .venv-labelstudio (Label Studio and label-studio-sdk)."""
+    if not LS_PYTHON:
+        pytest.skip(
+            "ONNX_EXPLAIN_LABEL_STUDIO_PYTHON is unset: these tests need .venv-labelstudio's "
+            "python (`make unit` builds the venv and sets it)"
+        )
+    python = Path(LS_PYTHON)
+    assert python.is_file(), f"{python} does not exist (make .venv-labelstudio)"
     return python
 
 
@@ -243,3 +248,157 @@ def test_an_image_over_the_upload_limit_is_cut_off_while_it_is_read(
     with make_client(default_model_dir, **settings) as small:
         (prediction,) = _predict(small, [{"data": {"image": "/data/upload/1/chelsea.png"}}])
     assert prediction["result"] == []
+
+
+# ---- a real Label Studio -------------------------------------------------------------------
+
+ENABLE_LEGACY_TOKENS = """
+import pathlib, sys
+import label_studio
+sys.path.insert(0, str(pathlib.Path(label_studio.__file__).parent))
+import django
+django.setup()
+from jwt_auth.models import JWTSettings
+JWTSettings.objects.update(legacy_api_tokens_enabled=True)
+"""
+
+FLOW_SCRIPT = """
+import json, sys
+import httpx
+import numpy as np
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.converter.brush import decode_rle
+
+base, token, backend, config, image = sys.argv[1:6]
+auth = {"Authorization": f"Token {token}"}
+ls = LabelStudio(base_url=base, api_key=token)
+project = ls.projects.create(title="onnx-explain", label_config=config)
+with open(image, "rb") as upload:
+    imported = httpx.post(
+        f"{base}/api/projects/{project.id}/import", headers=auth, timeout=120,
+        files={"file": ("chelsea.png", upload, "image/png")},
+    )
+imported.raise_for_status()
+(task,) = ls.tasks.list(project=project.id)
+ml = ls.ml.create(url=backend, project=project.id, title="onnx-explain", is_interactive=False)
+retrieved = httpx.post(
+    f"{base}/api/dm/actions", headers=auth, timeout=300,
+    params={"id": "retrieve_tasks_predictions", "project": project.id},
+    json={"selectedItems": {"all": True, "excluded": []}},
+)
+retrieved.raise_for_status()
+(prediction,) = ls.predictions.list(task=task.id)
+answer = {"image": task.data["image"], "ml_state": ml.state, "score": prediction.score,
+          "model_version": prediction.model_version, "regions": []}
+for region in prediction.result:
+    found = {"type": region["type"], "from_name": region["from_name"]}
+    if region["type"] == "choices":
+        found["choices"] = region["value"]["choices"]
+    else:
+        pixels = decode_rle(region["value"]["rle"]).reshape(
+            region["original_height"], region["original_width"], 4)
+        mask = pixels[:, :, 3] == 255
+        rows, columns = np.nonzero(mask)
+        found.update(labels=region["value"]["brushlabels"], shape=list(mask.shape),
+                     share=float(mask.mean()), centre=[float(rows.mean()), float(columns.mean())],
+                     corner=bool(mask[:40, :40].any()))
+    answer["regions"].append(found)
+json.dump(answer, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def label_studio(sdk_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Label Studio on a free port, SQLite in a temp folder, a user with a legacy API token.
+
+    Its own SSRF guard refuses ML backends and URLs on local addresses, where this test puts
+    the service: both are turned off here (ML_BLOCK_LOCAL_IP, SSRF_PROTECTION_ENABLED), as a
+    deployment on a private network would.
+    """
+    data = tmp_path_factory.mktemp("label-studio")
+    port = free_port()
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data),
+        "DJANGO_DB": "sqlite",
+        "LATEST_VERSION_CHECK": "false",  # it would wait on pypi.org
+        "ML_BLOCK_LOCAL_IP": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+    }
+    command = [
+        str(sdk_python.parent / "label-studio"),
+        "start",
+        "--no-browser",
+        "--port",
+        str(port),
+        "--username",
+        "admin@example.com",
+        "--password",
+        "admin-password-for-tests",
+        "--user-token",
+        TOKEN,
+    ]
+    log = data / "label-studio.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx2.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            assert process.poll() is None, f"Label Studio exited:\\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"Label Studio did not start:\\n{log.read_text()}"
+            time.sleep(1)
+        env["DJANGO_SETTINGS_MODULE"] = "core.settings.label_studio"
+        enabled = subprocess.run(
+            [str(sdk_python), "-c", ENABLE_LEGACY_TOKENS], env=env, capture_output=True, timeout=120
+        )
+        assert enabled.returncode == 0, enabled.stderr.decode()[-2000:]
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_a_real_label_studio_connects_the_backend_and_gets_a_brush_on_the_cat(
+    label_studio: str, sdk_python: Path, default_model_dir: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    service = f"http://127.0.0.1:{port}"
+    log = tmp_path / "service.log"
+    process = start_service(
+        default_model_dir, port, log, LABEL_STUDIO_URL=label_studio, LABEL_STUDIO_API_KEY=TOKEN
+    )
+    image = tmp_path / "chelsea.png"
+    image.write_bytes(CHELSEA)
+    try:
+        wait_until_ready(service, process, log, seconds=120)
+        backend = f"{service}/label-studio/{MODEL}"
+        arguments = [label_studio, TOKEN, backend, CONFIG, str(image)]
+        ran = subprocess.run(
+            [str(sdk_python), "-c", FLOW_SCRIPT, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert ran.returncode == 0, f"{ran.stderr[-3000:]}\\n{log.read_text()[-3000:]}"
+    answer = json.loads(ran.stdout)
+    assert answer["image"].startswith("/data/upload/")  # Label Studio's own upload, fetched
+    assert answer["model_version"].startswith(f"onnx-explain-{MODEL}-")
+    assert answer["score"] > 0.2
+    regions = {region["type"]: region for region in answer["regions"]}
+    assert regions["choices"]["choices"] == ["a cat having a striped coat"]
+    brush = regions["brushlabels"]
+    assert brush["labels"] == ["cat"]
+    assert brush["shape"] == [300, 451]
+    assert abs(brush["share"] - 0.2) < 0.01
+    assert 60 < brush["centre"][0] < 240
+    assert 100 < brush["centre"][1] < 350
+    assert not brush["corner"]
