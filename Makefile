@@ -20,8 +20,12 @@ ZOO_REQUIREMENTS := tests/zoo/requirements.txt
 LS_VENV := .venv-labelstudio
 LS_BIN := $(LS_VENV)/bin
 LS_VERSION := 1.23.2
+# KServe's own REST client (its `kserve` package) for tests/test_kserve_client.py, also apart.
+KSERVE_VENV := .venv-kserve
+KSERVE_BIN := $(KSERVE_VENV)/bin
+KSERVE_VERSION := 0.21.0
 
-.PHONY: serve test lint typecheck unit browser model clean $(ZOO_VENV) $(LS_VENV)
+.PHONY: serve test lint typecheck unit browser model clean $(ZOO_VENV) $(LS_VENV) $(KSERVE_VENV)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,11 +89,20 @@ $(LS_VENV)/.installed-$(LS_VERSION):
 
 $(LS_VENV): $(LS_VENV)/.installed-$(LS_VERSION)
 
-unit: $(VENV)/.installed-dev browser $(ZOO_VENV) $(LS_VENV)
+$(KSERVE_VENV)/.installed-$(KSERVE_VERSION):
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_BIN)/python -m pip install --quiet --upgrade pip
+	$(KSERVE_BIN)/pip install --quiet kserve==$(KSERVE_VERSION)
+	touch $@
+
+$(KSERVE_VENV): $(KSERVE_VENV)/.installed-$(KSERVE_VERSION)
+
+unit: $(VENV)/.installed-dev browser $(ZOO_VENV) $(LS_VENV) $(KSERVE_VENV)
 	ONNX_EXPLAIN_ZOO_PYTHON=$(abspath $(ZOO_BIN)/python) \
-	ONNX_EXPLAIN_LABEL_STUDIO_PYTHON=$(abspath $(LS_BIN)/python) $(BIN)/pytest
+	ONNX_EXPLAIN_LABEL_STUDIO_PYTHON=$(abspath $(LS_BIN)/python) \
+	ONNX_EXPLAIN_KSERVE_PYTHON=$(abspath $(KSERVE_BIN)/python) $(BIN)/pytest
 
 test: lint typecheck unit
 
 clean:
-	rm -rf $(VENV) $(ZOO_VENV) $(LS_VENV) $(MODELS) cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(ZOO_VENV) $(LS_VENV) $(KSERVE_VENV) $(MODELS) cache .mypy_cache .ruff_cache .pytest_cache
