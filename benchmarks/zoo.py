@@ -44,9 +44,7 @@ def measure(folder: Path, threads: int, repeats: int) -> dict[str, float | str]:
         model = LoadedModel(folder.name, folder, options, cache_dir=Path(cache))
         loaded = time.perf_counter() - started
         spec = model.config.input
-        dims = (
-            (3, spec.height, spec.width) if spec.layout == "NCHW" else (spec.height, spec.width, 3)
-        )
+        dims = spec.image_dims
         tensor = np.random.default_rng(0).standard_normal((1, *dims)).astype(np.float32)
         graphs = model.gradients
         cam = GraphKey(model.default_layer, wrt_input=False, guided=False, top_k_seeds=True)

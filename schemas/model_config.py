@@ -43,6 +43,13 @@ class InputSpec(BaseModel):
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     @property
+    def image_dims(self) -> tuple[int, int, int]:
+        """One image's input dims, without the batch axis: (3, H, W) or (H, W, 3)."""
+        if self.layout == "NCHW":
+            return (3, self.height, self.width)
+        return (self.height, self.width, 3)
+
+    @property
     def spatial_axes(self) -> tuple[int, int]:
         """The height and width axes of the model's batched input tensor."""
         return spatial_axes(self.layout)

@@ -48,9 +48,7 @@ class Summary:
 
 
 def model_input_shape(spec: InputSpec) -> tuple[int, int, int, int]:
-    if spec.layout == "NCHW":
-        return (1, 3, spec.height, spec.width)
-    return (1, spec.height, spec.width, 3)
+    return (1, *spec.image_dims)
 
 
 def summarize(model: onnx.ModelProto, input_name: str, spec: InputSpec) -> Summary:

@@ -98,9 +98,7 @@ def _check_input_against_config(model: onnx.ModelProto, name: str, config: Model
         return
     if len(dims) != 4:
         raise InvalidModel(f"the model input {name!r} has {len(dims)} dims, not 4 (an image batch)")
-    expected = (
-        (3, spec.height, spec.width) if spec.layout == "NCHW" else (spec.height, spec.width, 3)
-    )
+    expected = spec.image_dims
     fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
     if any(f is not None and f != e for f, e in zip(fixed, expected, strict=True)):
         shown = "x".join(str(f) if f is not None else "?" for f in fixed)
