@@ -52,14 +52,18 @@ async def read_image_request(
     )
 
 
-async def _read_json(request: Request, schema: type[RequestModel]) -> tuple[RequestModel, bytes]:
-    body = await request.body()
-    if not body.strip():
-        raise InvalidRequest('request body is empty: send JSON like {"image": "<base64>"}')
+async def read_json_body(request: Request, schema: type[RequestModel]) -> RequestModel:
+    """The request's JSON body as `schema`, or InvalidRequest naming the fields."""
     try:
-        parsed = schema.model_validate_json(body)
+        return schema.model_validate_json(await request.body())
     except ValidationError as exc:
         raise InvalidRequest(describe_validation_error(exc)) from exc
+
+
+async def _read_json(request: Request, schema: type[RequestModel]) -> tuple[RequestModel, bytes]:
+    if not (await request.body()).strip():
+        raise InvalidRequest('request body is empty: send JSON like {"image": "<base64>"}')
+    parsed = await read_json_body(request, schema)
     return parsed, decode_base64_image(getattr(parsed, "image"))  # noqa: B009
 
 

@@ -31,24 +31,13 @@ from schemas.predict import Prediction
 from service.errors import InvalidRequest, describe_validation_error
 from service.explaining import render_explanations, resolve_targets
 from service.heatmaps import check_output
-from service.openapi import inline_definitions
+from service.inputs import read_json_body
+from service.openapi import request_body
 from service.routes.models import WORK_ERRORS, ModelName
 from service.state import ServiceState, State
 from service.work import loaded_model, run_engine
 
 router = APIRouter(prefix="/v1/models", tags=["kserve v1"])
-
-
-def _body(model: type[PredictInstances]) -> dict[str, object]:
-    schema = inline_definitions(model.model_json_schema())
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-async def _read(request: Request, schema: type[PredictInstances]) -> Any:
-    try:
-        return schema.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc)) from exc
 
 
 def _instance(
@@ -63,8 +52,7 @@ def _instance(
             raise InvalidImage("an instance's `b64` is not valid base64") from exc
         image = decode_image(data, state.image_limits)
         return image, preprocess([image], model.config.input)
-    spec = model.config.input
-    shape = (3, spec.height, spec.width) if spec.layout == "NCHW" else (spec.height, spec.width, 3)
+    shape = model.config.input.image_dims
     try:
         tensor = np.asarray(instance, dtype=np.float32)
     except (TypeError, ValueError) as exc:
@@ -88,12 +76,12 @@ def _predictions(model: LoadedModel, probabilities: np.ndarray, top_k: int) -> l
     operation_id="kserve_v1_predict",
     response_model=PredictAnswer,
     responses=WORK_ERRORS,
-    openapi_extra=_body(PredictInstances),
+    openapi_extra=request_body(PredictInstances, multipart=False),
     summary="KServe V1: the top-k classes of every instance.",
 )
 async def predict_instances(name: ModelName, request: Request, state: State) -> PredictAnswer:
     model = await loaded_model(state, name)
-    parsed: PredictInstances = await _read(request, PredictInstances)
+    parsed = await read_json_body(request, PredictInstances)
 
     def work() -> PredictAnswer:
         tensors = [_instance(instance, model, state)[1] for instance in parsed.instances]
@@ -111,12 +99,12 @@ async def predict_instances(name: ModelName, request: Request, state: State) -> 
     operation_id="kserve_v1_explain",
     response_model=ExplainAnswer,
     responses=WORK_ERRORS,
-    openapi_extra=_body(ExplainInstances),
+    openapi_extra=request_body(ExplainInstances, multipart=False),
     summary="KServe V1: the heatmaps of every instance, by our explain fields.",
 )
 async def explain_instances(name: ModelName, request: Request, state: State) -> ExplainAnswer:
     model = await loaded_model(state, name)
-    parsed: ExplainInstances = await _read(request, ExplainInstances)
+    parsed = await read_json_body(request, ExplainInstances)
     explainer = EXPLAINERS[parsed.method]
     try:
         params: Any = explainer.params_model.model_validate(parsed.params)

@@ -35,6 +35,7 @@ from schemas.labelstudio import (
     TaskPrediction,
 )
 from service.errors import InvalidRequest, describe_validation_error
+from service.inputs import read_json_body
 from service.labelstudio import (
     LabelingConfig,
     RefusedImage,
@@ -80,13 +81,6 @@ class _Projects:
 _projects = _Projects(OrderedDict())
 
 
-async def _parsed(request: Request, schema: type[BaseModel]) -> Any:
-    try:
-        return schema.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc)) from exc
-
-
 def _project_params(extra: dict[str, Any] | str | None) -> ProjectParams:
     if extra is None or extra == "":
         return ProjectParams()
@@ -115,7 +109,7 @@ async def health(name: ModelName, state: State) -> HealthAnswer:
 @router.post("/setup", response_model=SetupAnswer, responses=WORK_ERRORS)
 async def setup(name: ModelName, request: Request, state: State) -> SetupAnswer:
     model = await loaded_model(state, name)
-    parsed: SetupRequest = await _parsed(request, SetupRequest)
+    parsed = await read_json_body(request, SetupRequest)
     params = _project_params(parsed.extra_params)
     _projects.set(name, parsed.project, params)
     return SetupAnswer(
@@ -193,7 +187,7 @@ def _predict_task(
 @router.post("/predict", response_model=PredictAnswer, responses=WORK_ERRORS)
 async def predict(name: ModelName, request: Request, state: State) -> PredictAnswer:
     model = await loaded_model(state, name)
-    parsed: PredictRequest = await _parsed(request, PredictRequest)
+    parsed = await read_json_body(request, PredictRequest)
     config = parse_config(parsed.label_config)
     project = _projects.get(name, parsed.project)
     method = project.method or state.settings.label_studio_method

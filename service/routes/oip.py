@@ -25,7 +25,12 @@ from pydantic import BaseModel, Field, ValidationError
 from engines.errors import EngineError, InvalidImage
 from engines.imaging.decode import decode_image, preprocess
 from engines.models.loaded import LoadedModel
-from service.errors import ServiceError, describe_validation_error, engine_status
+from service.errors import (
+    RETRY_AFTER_SECONDS,
+    ServiceError,
+    describe_validation_error,
+    engine_status,
+)
 from service.openapi import inline_definitions
 from service.state import State
 from service.work import loaded_model, run_engine
@@ -82,7 +87,7 @@ class ProtocolError(Exception):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
     return JSONResponse(status_code=status, content={"error": message}, headers=headers)
 
 
@@ -130,9 +135,7 @@ async def server_metadata() -> dict[str, object]:
 
 
 def _input_shape(model: LoadedModel) -> list[int]:
-    spec = model.config.input
-    dims = [3, spec.height, spec.width] if spec.layout == "NCHW" else [spec.height, spec.width, 3]
-    return [-1, *dims]
+    return [-1, *model.config.input.image_dims]
 
 
 @router.get(
