@@ -239,15 +239,7 @@ def write_atomically(model: onnx.ModelProto, path: Path) -> None:
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         tensor.data_location = TensorProto.EXTERNAL
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=path.parent)
-    os.close(handle)
-    try:
-        onnx.save(model, temporary)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    _write_file_atomically(path.parent, path, model.SerializeToString())
 
 
 def _write_file_atomically(folder: Path, path: Path, data: bytes) -> None:

@@ -59,29 +59,3 @@ def mask_rle(mask: np.ndarray) -> list[int]:
     pixels = np.where(mask, np.uint8(255), np.uint8(0))
     return encode_rle(np.repeat(pixels.reshape(-1), 4))
 
-
-def decode_rle(rle: list[int]) -> np.ndarray:
-    """The values an RLE holds (the inverse of `encode_rle`, for checks and tests)."""
-    bits = np.unpackbits(np.asarray(rle, dtype=np.uint8))
-    position = 0
-
-    def read(width: int) -> int:
-        nonlocal position
-        chunk = bits[position : position + width]
-        position += width
-        return int("".join(map(str, chunk.tolist())) or "0", 2)
-
-    count, word = read(32), read(5) + 1
-    sizes = [read(4) + 1 for _ in range(4)]
-    out = np.zeros(count, np.uint8)
-    index = 0
-    while index < count:
-        repeated = read(1)
-        end = index + 1 + read(sizes[read(2)])
-        if repeated:
-            out[index:end] = read(word)
-        else:
-            for at in range(index, end):
-                out[at] = read(word)
-        index = end
-    return out
