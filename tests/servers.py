@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
@@ -18,9 +20,13 @@ def free_port() -> int:
 
 
 def wait_until_ready(
-    base: str, process: "subprocess.Popen[bytes]", log: Path | None = None, seconds: float = 30
+    base: str,
+    process: "subprocess.Popen[bytes]",
+    log: Path | None = None,
+    seconds: float = 30,
+    path: str = "/readyz",
 ) -> None:
-    """Poll `base`/readyz until it answers 200; fail (with the server's log) if it exits first."""
+    """Poll `base` + `path` until it answers 200; fail (with the log) if the server exits first."""
     deadline = time.monotonic() + seconds
 
     def output() -> str:
@@ -28,7 +34,7 @@ def wait_until_ready(
 
     while True:
         try:
-            if httpx2.get(f"{base}/readyz", timeout=1).status_code == 200:
+            if httpx2.get(f"{base}{path}", timeout=1).status_code == 200:
                 return
         except httpx2.TransportError:
             pass
@@ -60,3 +66,17 @@ def start_service(
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
+
+
+@contextmanager
+def serving(repository: Path, log: Path, seconds: float = 30, **settings: str) -> Iterator[str]:
+    """`start_service` on a free port, ready: its base URL; the process stops afterwards."""
+    port = free_port()
+    process = start_service(repository, port, log, **settings)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_ready(base, process, log, seconds)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.images import encode
-from tests.servers import free_port, start_service, wait_until_ready
+from tests.servers import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_ONLY = {"onnxruntime", "onnxruntime-gpu", "opencv-python", "opencv-python-headless"}
@@ -97,13 +97,9 @@ def test_the_client_alone_answers_against_a_running_service(
     pixels = np.zeros((32, 40, 3), np.uint8)
     pixels[:16, :20] = (255, 0, 0)  # a red block in the top-left quarter
     image.write_bytes(encode(pixels))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    process = start_service(tiny_repository_dir, port, tmp_path / "server.log")
-    try:
-        wait_until_ready(base, process, tmp_path / "server.log")
-        script = tmp_path / "use_client.py"
-        script.write_text(SCRIPT)
+    script = tmp_path / "use_client.py"
+    script.write_text(SCRIPT)
+    with serving(tiny_repository_dir, tmp_path / "server.log") as base:
         ran = subprocess.run(
             [str(client_venv), str(script), base, str(image)],
             capture_output=True,
@@ -111,9 +107,6 @@ def test_the_client_alone_answers_against_a_running_service(
             timeout=120,
             cwd=tmp_path,  # not the repository: nothing of it on the path
         )
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     assert ran.returncode == 0, ran.stderr[-3000:]
     answer = json.loads(ran.stdout)
     assert answer["ready"] == "ok"

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.images import encode, solid
-from tests.servers import free_port, start_service, wait_until_ready
+from tests.servers import serving
 
 KSERVE_PYTHON = os.environ.get("ONNX_EXPLAIN_KSERVE_PYTHON", "")
 
@@ -57,16 +57,8 @@ asyncio.run(main())
 
 @pytest.fixture(scope="module")
 def service(tiny_repository_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("kserve") / "server.log"
-    process = start_service(tiny_repository_dir, port, log)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_ready(base, process, log)
+    with serving(tiny_repository_dir, tmp_path_factory.mktemp("kserve") / "server.log") as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.mark.skipif(

@@ -14,20 +14,18 @@ import json
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import make_client
 from tests.images import encode, photo
-from tests.servers import free_port, start_service, wait_until_ready
+from tests.servers import free_port, serving, wait_until_ready
 
 MODEL = "efficientnet-lite0"
 TOKEN = "label-studio-token-for-tests"
@@ -343,16 +341,7 @@ def label_studio(sdk_python: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx2.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            assert process.poll() is None, f"Label Studio exited:\\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"Label Studio did not start:\\n{log.read_text()}"
-            time.sleep(1)
+        wait_until_ready(base, process, log, seconds=240, path="/health")
         env["DJANGO_SETTINGS_MODULE"] = "core.settings.label_studio"
         enabled = subprocess.run(
             [str(sdk_python), "-c", ENABLE_LEGACY_TOKENS], env=env, capture_output=True, timeout=120
@@ -367,16 +356,11 @@ def label_studio(sdk_python: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_a_real_label_studio_connects_the_backend_and_gets_a_brush_on_the_cat(
     label_studio: str, sdk_python: Path, default_model_dir: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    service = f"http://127.0.0.1:{port}"
     log = tmp_path / "service.log"
-    process = start_service(
-        default_model_dir, port, log, LABEL_STUDIO_URL=label_studio, LABEL_STUDIO_API_KEY=TOKEN
-    )
     image = tmp_path / "chelsea.png"
     image.write_bytes(CHELSEA)
-    try:
-        wait_until_ready(service, process, log, seconds=120)
+    settings = {"LABEL_STUDIO_URL": label_studio, "LABEL_STUDIO_API_KEY": TOKEN}
+    with serving(default_model_dir, log, 120, **settings) as service:
         backend = f"{service}/label-studio/{MODEL}"
         arguments = [label_studio, TOKEN, backend, CONFIG, str(image)]
         ran = subprocess.run(
@@ -385,9 +369,6 @@ def test_a_real_label_studio_connects_the_backend_and_gets_a_brush_on_the_cat(
             text=True,
             timeout=600,
         )
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     assert ran.returncode == 0, f"{ran.stderr[-3000:]}\\n{log.read_text()[-3000:]}"
     answer = json.loads(ran.stdout)
     assert answer["image"].startswith("/data/upload/")  # Label Studio's own upload, fetched

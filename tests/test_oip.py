@@ -12,20 +12,13 @@ from tritonclient.utils import InferenceServerException
 from engines.imaging.decode import ImageLimits, decode_image, preprocess
 from engines.models.loaded import read_config
 from tests.images import encode, solid
-from tests.servers import free_port, start_service, wait_until_ready
+from tests.servers import serving
 
 
 @pytest.fixture(scope="module")
 def service(tiny_repository_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("oip") / "server.log"
-    process = start_service(tiny_repository_dir, port, log)
-    try:
-        wait_until_ready(f"http://127.0.0.1:{port}", process, log)
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with serving(tiny_repository_dir, tmp_path_factory.mktemp("oip") / "server.log") as base:
+        yield base.removeprefix("http://")  # tritonclient takes host:port
 
 
 @pytest.fixture
