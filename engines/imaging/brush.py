@@ -58,4 +58,3 @@ def mask_rle(mask: np.ndarray) -> list[int]:
         raise ValueError(f"a brush mask is 2-D, got shape {mask.shape}")
     pixels = np.where(mask, np.uint8(255), np.uint8(0))
     return encode_rle(np.repeat(pixels.reshape(-1), 4))
-
