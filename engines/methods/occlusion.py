@@ -19,6 +19,7 @@ from engines.imaging.decode import blur_tensor, preprocess
 from engines.methods.pipeline import Explained, Explainer, TargetMap, WorkLimits, clean_targets
 from engines.models.layers import LayerInfo
 from engines.models.loaded import LoadedModel
+from engines.runtime import progress
 from engines.runtime.deadline import current_deadline
 from schemas.params import OcclusionParams
 
@@ -230,6 +231,7 @@ class Occlusion(Explainer):
                     np.add.at(row, (chunk_tops, chunk_lefts), column_drops)
                 if self.progress is not None:
                     self.progress(start + chunk_tops.size, passes)
+                progress.report(start + chunk_tops.size, passes)
             counts = np.zeros((1, height, width), dtype=np.float64)
             np.add.at(counts[0], (grid_tops, grid_lefts), 1.0)
             maps = (box_sum(impulses, params.window) / box_sum(counts, params.window)).astype(
