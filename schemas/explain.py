@@ -37,6 +37,9 @@ ExplainMethod = Literal[
     "integrated_gradients",
     "gradient_x_input",
     "cam",
+    "rise",
+    "lime",
+    "kernelshap",
 ]
 
 MAX_TARGETS = 20

@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.insight.maximize import to_pixels, to_tensor, valid_range
+from engines.imaging.decode import to_pixels
+from engines.insight.maximize import to_tensor, valid_range
 from schemas.model_config import InputSpec
 from tests.conftest import make_client
 from tests.tiny_models import OPSET, write_model_folder

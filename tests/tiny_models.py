@@ -94,6 +94,8 @@ def write_model_folder(
         small_cnn_model(folder / "model.onnx", size=size)
     elif build == "region_mean":
         region_mean_model(folder / "model.onnx", size=size)
+    elif build == "weighted_region":
+        weighted_region_model(folder / "model.onnx", size=size)
     else:
         channel_mean_model(folder / "model.onnx", layout=layout, size=size)
     config = {
@@ -138,6 +140,36 @@ def region_mean_model(path: Path, size: int = 16) -> None:
             numpy_helper.from_array(np.array(ends, np.int64), "ends"),
             numpy_helper.from_array(np.array([1], np.int64), "axis1"),
             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ],
+    )
+    _save(graph, path)
+
+
+WEIGHTED_REGION = (slice(16, 40), slice(28, 52))  # rows and columns of a 64x64 input
+
+
+def weighted_region_model(path: Path, size: int = 64) -> None:
+    """logits = [s, -s] with s the mean of the input over WEIGHTED_REGION (all channels): a
+    mask-weighted mean of the pixels fed to a linear head, blind outside the region."""
+    weights = np.zeros((1, 3, size, size), dtype=np.float32)
+    weights[(0, slice(None), *WEIGHTED_REGION)] = 1.0
+    weights /= weights.sum()
+    nodes = [
+        helper.make_node("Mul", ["x", "weights"], ["weighted"]),
+        helper.make_node("ReduceSum", ["weighted", "axes"], ["mean"], keepdims=0),
+        helper.make_node("Unsqueeze", ["mean", "axis1"], ["mean_column"]),
+        helper.make_node("MatMul", ["mean_column", "head"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "weighted_region",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        initializer=[
+            numpy_helper.from_array(weights, "weights"),
+            numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+            numpy_helper.from_array(np.array([[1.0, -1.0]], np.float32), "head"),
         ],
     )
     _save(graph, path)

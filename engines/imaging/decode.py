@@ -295,6 +295,19 @@ def preprocess(images: list[np.ndarray], spec: InputSpec) -> np.ndarray:
     return batch
 
 
+def to_pixels(tensor: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A (1, ...) tensor -> (H, W, 3) RGB uint8 pixels, the inverse of preprocessing."""
+    values = tensor[0].astype(np.float64)
+    if spec.layout == "NCHW":
+        values = values.transpose(1, 2, 0)
+    mean = np.asarray(spec.mean, dtype=np.float64)
+    std = np.asarray(spec.std, dtype=np.float64)
+    values = (values * std + mean) / spec.scale
+    if spec.color == "BGR":
+        values = values[..., ::-1]
+    return np.ascontiguousarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
 @dataclass(frozen=True)
 class Region:
     """Where the model's input lies in the original image, in original pixels."""

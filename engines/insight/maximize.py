@@ -14,7 +14,7 @@ import onnx
 from engines.errors import InvalidParameters
 from engines.graphs import GradientSpec, build_gradient_model
 from engines.graphs.prepared import GraphKey
-from engines.imaging.decode import blur_tensor, preprocess
+from engines.imaging.decode import blur_tensor, preprocess, to_pixels
 from engines.methods.pipeline import seeds_for
 from engines.models.layers import LayerInfo
 from engines.models.loaded import LoadedModel
@@ -57,19 +57,6 @@ def valid_range(spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
 def to_tensor(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(H, W, 3) RGB pixel values (any float) at the input size -> a (1, ...) tensor."""
     return preprocess([pixels], spec)
-
-
-def to_pixels(tensor: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """A (1, ...) tensor -> (H, W, 3) RGB uint8 pixels, the inverse of preprocessing."""
-    values = tensor[0].astype(np.float64)
-    if spec.layout == "NCHW":
-        values = values.transpose(1, 2, 0)
-    mean = np.asarray(spec.mean, dtype=np.float64)
-    std = np.asarray(spec.std, dtype=np.float64)
-    values = (values * std + mean) / spec.scale
-    if spec.color == "BGR":
-        values = values[..., ::-1]
-    return np.ascontiguousarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
 
 
 def start_tensor(spec: InputSpec, params: MaximizeParams) -> np.ndarray:

@@ -4,6 +4,7 @@ from engines.methods.cam import GradCam, GradCamPlusPlus, HiResCam, LayerCam, XG
 from engines.methods.classic_cam import ClassicCam
 from engines.methods.occlusion import Occlusion
 from engines.methods.pipeline import Explainer
+from engines.methods.rise import Rise
 from engines.methods.saliency import (
     GradientTimesInput,
     GuidedBackprop,
@@ -12,6 +13,7 @@ from engines.methods.saliency import (
     Saliency,
     SmoothGrad,
 )
+from engines.methods.superpixels import KernelShap, Lime
 
 EXPLAINERS: dict[str, Explainer] = {
     "gradcam": GradCam(),
@@ -27,4 +29,7 @@ EXPLAINERS: dict[str, Explainer] = {
     "gradient_x_input": GradientTimesInput(),
     "occlusion": Occlusion(),
     "cam": ClassicCam(),
+    "rise": Rise(),
+    "lime": Lime(),
+    "kernelshap": KernelShap(),
 }

@@ -31,6 +31,10 @@ METHOD_NEEDS: dict[str, tuple[Capability, ...]] = {
     "integrated_gradients": INPUT,
     "gradient_x_input": INPUT,
     "cam": ("cam_head",),
+    # Gradient-free: only forward runs, so every model that loads supports them.
+    "rise": (),
+    "lime": (),
+    "kernelshap": (),
 }
 
 
