@@ -56,7 +56,8 @@ def tied_map(height: int, width: int) -> np.ndarray:
     """A blob on the cat's face, quantised to four levels so that ties are everywhere."""
     ys, xs = np.mgrid[0:height, 0:width]
     blob = np.exp(-((ys - 0.35 * height) ** 2 + (xs - 0.45 * width) ** 2) / (0.05 * height**2))
-    return (np.round(blob * 3) / 3).astype(np.float32)
+    levels: np.ndarray = (np.round(blob * 3) / 3).astype(np.float32)
+    return levels
 
 
 @pytest.fixture(scope="module")
