@@ -85,7 +85,10 @@ def faithfulness(
     counts = changed_counts(height * width, steps)
     fractions = np.arange(steps + 1, dtype=np.float64) / steps
     rows_per_batch = model.rows_per_run(
-        batch_size(pixels.nbytes * 4, limits.memory_budget_bytes), model.activation_bytes
+        progress.rows_per_report(
+            batch_size(pixels.nbytes * 4, limits.memory_budget_bytes), steps + 1
+        ),
+        model.activation_bytes,
     )
     curves: dict[MetricKind, Curve] = {}
     with job_slot(limits.concurrent_jobs):
