@@ -1,6 +1,7 @@
 """`onnx-explain`: serve the API, explain an image, or build models into the repository."""
 
 import argparse
+import contextlib
 import io
 import itertools
 import json
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     import numpy as np
     from onnx_explain_client import ExplainResult, ExplanationResult
 
-    from engines.methods.pipeline import Explainer
     from engines.models.loaded import LoadedModel
     from schemas.explain import ExplainRequest, ExplainResponse
 
@@ -143,17 +143,20 @@ class _ExplainCall:
 
 
 class _ProgressBar:
-    """`occlusion [#####.....] 40/80 passes`, redrawn in place; a newline once complete."""
+    """`occlusion [#####.....] 40/80`, redrawn in place; a newline once complete.
+
+    A progress listener (engines.runtime.progress): the label is the stage's, else `label`.
+    """
 
     def __init__(self, stream: TextIO, label: str) -> None:
         self.stream = stream
         self.label = label
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, stage: str | None = None) -> None:
         filled = BAR_WIDTH * done // max(total, 1)
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
         end = "\n" if done >= total else ""
-        self.stream.write(f"\r{self.label} [{bar}] {done}/{total} passes{end}")
+        self.stream.write(f"\r{stage or self.label} [{bar}] {done}/{total}{end}")
         self.stream.flush()
 
 
@@ -296,22 +299,13 @@ def _load_model(name: str, repository: Path, settings: Settings) -> "LoadedModel
     return LoadedModel(name, folder, settings.runtime_options(), settings.cache_dir / name)
 
 
-def _local_explainer(method: str, progress: bool) -> "Explainer":
-    from engines.methods.occlusion import Occlusion
-    from engines.methods.registry import EXPLAINERS
-
-    explainer = EXPLAINERS[method]
-    if progress and isinstance(explainer, Occlusion):
-        bar = _ProgressBar(sys.stderr, method)
-        return Occlusion(explainer.copies_on_device, progress=bar)
-    return explainer
-
-
 def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse":
     """The explain route's pipeline, with the service's own rendering (service.heatmaps)."""
     from pydantic import ValidationError
 
     from engines.imaging.decode import decode_image, preprocess
+    from engines.methods.registry import EXPLAINERS
+    from engines.runtime import progress
     from service.errors import describe_validation_error
     from service.explaining import (
         explain_response,
@@ -327,7 +321,7 @@ def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse
     repository = Path(args.repository) if args.repository else settings.model_repository
     model = _load_model(call.model, repository, settings)
     started = time.perf_counter()
-    explainer = _local_explainer(request.method, _show_progress(args))
+    explainer = EXPLAINERS[request.method]
     try:
         params = explainer.params_model.model_validate(request.params)
     except ValidationError as exc:
@@ -338,7 +332,13 @@ def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse
     tensor = preprocess([image], model.config.input)
     decoded = time.perf_counter()
     work = work_limits(settings)
-    explained = explainer.explain(model, tensor, targets, request.top_k, params, work)
+    listening = (
+        progress.reporting(_ProgressBar(sys.stderr, request.method))
+        if _show_progress(args)
+        else contextlib.nullcontext()
+    )
+    with listening:
+        explained = explainer.explain(model, tensor, targets, request.top_k, params, work)
     computed = time.perf_counter()
     explanations = render_explanations(explained, model, image, request.output)
     finished = time.perf_counter()
