@@ -74,7 +74,10 @@ def score_masked_copies(
     # Waiting requests hold no copies: at most `concurrent_jobs` run at once.
     with job_slot(limits.concurrent_jobs):
         batch = model.rows_per_run(
-            batch_size(tensor[0].nbytes, limits.memory_budget_bytes), model.activation_bytes
+            progress.rows_per_report(
+                batch_size(tensor[0].nbytes, limits.memory_budget_bytes), passes
+            ),
+            model.activation_bytes,
         )
         copies = np.empty((min(batch, passes), *tensor.shape[1:]), dtype=np.float32)
         for start in range(0, passes, batch):
