@@ -3,7 +3,9 @@
 
 const CAM_METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "guided_gradcam"];
 // Methods that take long enough to stream their progress (NDJSON events) into the bar.
-const STREAMED_METHODS = ["occlusion", "smoothgrad", "integrated_gradients"];
+const STREAMED_METHODS = [
+  "occlusion", "smoothgrad", "integrated_gradients", "rise", "lime", "kernelshap",
+];
 const TOP_K = 5;
 const OVERLAY_ALPHA = 0.5;
 
