@@ -6,6 +6,8 @@ must recover each superpixel's exact contribution.
 """
 
 import base64
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from engines.methods.perturbation import baseline_tensor
 from engines.methods.pipeline import TargetMap, WorkLimits
 from engines.methods.registry import EXPLAINERS
 from engines.methods.rise import rise_masks
-from engines.methods.superpixels import Lime, segment
+from engines.methods.superpixels import KernelShap, Lime, segment
 from engines.models.loaded import LoadedModel
 from engines.models.support import find_support
 from engines.runtime import progress
@@ -367,3 +369,58 @@ def test_maps_on_the_default_model_beat_random_maps(default_model_dir: Path) -> 
         )
         assert deletion < random_deletion, method
         assert insertion > random_insertion, method
+
+
+ZOO_PYTHON = os.environ.get("ONNX_EXPLAIN_ZOO_PYTHON", "")
+CAPTUM_SCRIPT = Path(__file__).parent / "zoo" / "captum_superpixels.py"
+
+
+@pytest.mark.skipif(
+    not ZOO_PYTHON, reason="ONNX_EXPLAIN_ZOO_PYTHON is unset: Captum runs in the zoo venv"
+)
+def test_lime_and_kernelshap_equal_captums_on_the_same_samples(
+    region_model: LoadedModel, tmp_path: Path
+) -> None:
+    """Captum's Lime and KernelShap, fed our samples, give our maps (a probability score: not
+    linear, so the weights and the fits matter)."""
+    import onnx
+    from onnx import numpy_helper
+
+    image = textured_image()
+    tensor = preprocess([image], region_model.config.input)
+    graph = onnx.load(str(region_model.model_path)).graph
+    (weights,) = [numpy_helper.to_array(t) for t in graph.initializer if t.name == "weights"]
+    params: dict[str, dict[str, Any]] = {
+        "lime": {"samples": 150, "score": "probability", "alpha": 0.0005, "seed": 1},
+        "kernelshap": {"samples": 150, "score": "probability", "seed": 2},
+    }
+    segments = segment(image, LimeParams(**params["lime"]))
+    features = int(segments.max()) + 1
+    inputs: dict[str, Any] = {
+        "tensor": tensor,
+        "weights": weights,
+        "segments": segments,
+        "baseline": baseline_tensor(region_model, tensor, "constant", 128),
+        "probability": True,
+        "alpha": params["lime"]["alpha"],
+    }
+    for method, sampler in (("lime", Lime()), ("kernelshap", KernelShap())):
+        rng = np.random.default_rng(params[method]["seed"])
+        inputs[f"{method}_kept"] = sampler.samples(rng, params[method]["samples"], features)
+    np.savez(tmp_path / "in.npz", **inputs)
+    done = subprocess.run(
+        [ZOO_PYTHON, str(CAPTUM_SCRIPT), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    with np.load(tmp_path / "out.npz") as captum:
+        for method in ("lime", "kernelshap"):
+            (ours,) = explain(region_model, method, image, **params[method])
+            assert np.abs(ours.heatmap).max() > 1e-4, method
+            scale = np.abs(captum[method]).max()
+            np.testing.assert_allclose(
+                ours.heatmap, captum[method], atol=1e-4 * scale, err_msg=method
+            )
