@@ -74,8 +74,12 @@ class Rise(Explainer):
         sums = np.zeros((len(targets), height * width), dtype=np.float64)
 
         def add(start: int, keep: np.ndarray, scores: np.ndarray) -> None:
-            weights = np.ascontiguousarray(scores[:, targets].T, dtype=np.float32)
-            sums[...] += weights @ keep.reshape(keep.shape[0], -1)
+            weights = scores[:, targets].T.astype(np.float32)
+            # einsum's own loop, not BLAS: OpenBLAS's threads would spin on past the product
+            # and slow the next forward run on the cores they share with onnxruntime.
+            sums[...] += np.einsum(
+                "tb,bp->tp", weights, keep.reshape(keep.shape[0], -1), optimize=False
+            )
 
         score_masked_copies(
             model,
