@@ -40,6 +40,9 @@ ExplainMethod = Literal[
 ]
 
 MAX_TARGETS = 20
+MAX_METRIC_STEPS = 256
+
+MetricName = Literal["deletion", "insertion"]
 
 ParamValue = Annotated[
     bool | int | float | Annotated[str, Field(max_length=256)] | None,
@@ -150,6 +153,45 @@ class ExplainRequest(BaseModel):
         default_factory=dict, max_length=32, description="Method-specific parameters."
     )
     output: OutputOptions = Field(default_factory=OutputOptions)
+    metrics: list[MetricName] = Field(
+        default_factory=list,
+        max_length=2,
+        description="Faithfulness scores to add to each explanation: RISE's `deletion` (the "
+        "target's probability as the map's top pixels turn grey; lower is better) and "
+        "`insertion` (as they return into a blurred copy; higher is better), as AUCs.",
+    )
+    metric_steps: int = Field(
+        default=32, ge=1, le=MAX_METRIC_STEPS, description="Points of each curve, less one."
+    )
+    curves: bool = Field(default=False, description="Also return the curves behind the AUCs.")
+    stream: bool = Field(
+        default=False,
+        description="Answer as a stream: NDJSON lines (Server-Sent Events with `Accept: "
+        'text/event-stream`) of progress `{"done", "total", "stage"}`, then one '
+        '`{"result": ...}` with the usual answer, or one `{"error": ...}`.',
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _distinct_metrics(cls, value: list[MetricName]) -> list[MetricName]:
+        if len(set(value)) != len(value):
+            raise ValueError("metrics must be distinct")
+        return value
+
+
+class Faithfulness(BaseModel):
+    """RISE's deletion and insertion scores of one map (only those asked for are set)."""
+
+    deletion_auc: float | None = None
+    insertion_auc: float | None = None
+    deletion_curve: list[float] | None = Field(
+        default=None,
+        description="The target's probability with k/steps of the ranked pixels deleted, "
+        "k = 0..steps (with `curves`).",
+    )
+    insertion_curve: list[float] | None = Field(
+        default=None, description="As `deletion_curve`, for insertion."
+    )
 
 
 class Explanation(BaseModel):
@@ -160,6 +202,9 @@ class Explanation(BaseModel):
         min_length=1,
         max_length=MAX_FORMATS,
         description="The payloads of every requested format, in request order.",
+    )
+    metrics: Faithfulness | None = Field(
+        default=None, description="With `metrics` in the request: how faithful the map is."
     )
 
 

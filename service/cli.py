@@ -1,6 +1,7 @@
 """`onnx-explain`: serve the API, explain an image, or build models into the repository."""
 
 import argparse
+import contextlib
 import io
 import itertools
 import json
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, get_args
 
-from schemas.explain import ExplainMethod
+from schemas.explain import MAX_METRIC_STEPS, ExplainMethod, MetricName
 from schemas.heatmap import ColormapName, ImageNormalization
 from service.settings import Settings
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from onnx_explain_client import ExplainResult, ExplanationResult
 
     from engines.batch.job import BatchSpec
-    from engines.methods.pipeline import Explainer
     from engines.models.loaded import LoadedModel
     from schemas.explain import ExplainRequest, ExplainResponse
 
@@ -144,18 +144,22 @@ class _ExplainCall:
 
 
 class _ProgressBar:
-    """`occlusion [#####.....] 40/80 passes`, redrawn in place; a newline once complete."""
+    """`occlusion [#####.....] 40/80`, redrawn in place; a newline once complete.
 
-    def __init__(self, stream: TextIO, label: str, unit: str = "passes") -> None:
+    A progress listener (engines.runtime.progress): the label is the stage's, else `label`.
+    """
+
+    def __init__(self, stream: TextIO, label: str, unit: str = "") -> None:
         self.stream = stream
         self.label = label
         self.unit = unit
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, stage: str | None = None) -> None:
         filled = BAR_WIDTH * done // max(total, 1)
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
         end = "\n" if done >= total else ""
-        self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {self.unit}{end}")
+        unit = f" {self.unit}" if self.unit else ""
+        self.stream.write(f"\r{stage or self.label} [{bar}] {done}/{total}{unit}{end}")
         self.stream.flush()
 
 
@@ -298,22 +302,13 @@ def _load_model(name: str, repository: Path, settings: Settings) -> "LoadedModel
     return LoadedModel(name, folder, settings.runtime_options(), settings.cache_dir / name)
 
 
-def _local_explainer(method: str, progress: bool) -> "Explainer":
-    from engines.methods.occlusion import Occlusion
-    from engines.methods.registry import EXPLAINERS
-
-    explainer = EXPLAINERS[method]
-    if progress and isinstance(explainer, Occlusion):
-        bar = _ProgressBar(sys.stderr, method)
-        return Occlusion(explainer.copies_on_device, progress=bar)
-    return explainer
-
-
 def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse":
     """The explain route's pipeline, with the service's own rendering (service.heatmaps)."""
     from pydantic import ValidationError
 
     from engines.imaging.decode import decode_image, preprocess
+    from engines.methods.registry import EXPLAINERS
+    from engines.runtime import progress
     from service.errors import describe_validation_error
     from service.explaining import (
         explain_response,
@@ -329,7 +324,7 @@ def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse
     repository = Path(args.repository) if args.repository else settings.model_repository
     model = _load_model(call.model, repository, settings)
     started = time.perf_counter()
-    explainer = _local_explainer(request.method, _show_progress(args))
+    explainer = EXPLAINERS[request.method]
     try:
         params = explainer.params_model.model_validate(request.params)
     except ValidationError as exc:
@@ -340,7 +335,13 @@ def _run_local(call: _ExplainCall, args: argparse.Namespace) -> "ExplainResponse
     tensor = preprocess([image], model.config.input)
     decoded = time.perf_counter()
     work = work_limits(settings)
-    explained = explainer.explain(model, tensor, targets, request.top_k, params, work)
+    listening = (
+        progress.reporting(_ProgressBar(sys.stderr, request.method))
+        if _show_progress(args)
+        else contextlib.nullcontext()
+    )
+    with listening:
+        explained = explainer.explain(model, tensor, targets, request.top_k, params, work)
     computed = time.perf_counter()
     explanations = render_explanations(explained, model, image, request.output)
     finished = time.perf_counter()
@@ -461,7 +462,6 @@ def _add_explain_parser(commands: "argparse._SubParsersAction[argparse.ArgumentP
 # `batch`: every image of a folder, list or table, with the engines in-process or on Ray.
 
 BATCH_FORMATS = ("png", "png16", "colormap", "overlay", "array")
-METRIC_KINDS = ("deletion", "insertion")
 
 
 def _model_folder(model: str, repository: Path) -> tuple[str, Path]:
@@ -490,12 +490,13 @@ def _batch_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-def _metric_kinds(text: str | None) -> tuple[str, ...]:
-    kinds = tuple(dict.fromkeys(k.strip() for k in (text or "").split(",") if k.strip()))
-    unknown = [k for k in kinds if k not in METRIC_KINDS]
+def _metric_kinds(text: str | None) -> "tuple[MetricName, ...]":
+    known = get_args(MetricName)
+    kinds = list(dict.fromkeys(k.strip() for k in (text or "").split(",") if k.strip()))
+    unknown = [k for k in kinds if k not in known]
     if unknown:
-        raise _Failure(f"--metrics: unknown {', '.join(unknown)} (known: deletion, insertion)")
-    return kinds
+        raise _Failure(f"--metrics: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    return tuple(k for k in known if k in kinds)
 
 
 def _batch_spec(args: argparse.Namespace, settings: Settings) -> "BatchSpec":
@@ -532,6 +533,7 @@ def _batch_spec(args: argparse.Namespace, settings: Settings) -> "BatchSpec":
         output=output,
         target=_parse_target(args.target) if args.target is not None else None,
         metrics=_metric_kinds(args.metrics),
+        metric_steps=args.metric_steps,
         runtime=settings.runtime_options(),
         cache_dir=settings.cache_dir / name,
         batch_policy=settings.batch_policy(),
@@ -579,11 +581,19 @@ def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+def _number(
+    kind: type[int] | type[float], low: float, high: float | None = None
+) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` in [low, high]."""
+
     def parse(text: str) -> float:
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{text} is negative")
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {bounds}")
         return value
 
     return parse
@@ -630,6 +640,13 @@ def _add_batch_parser(commands: "argparse._SubParsersAction[argparse.ArgumentPar
         "--metrics", help="faithfulness scores for each map: deletion, insertion or both (a,b)"
     )
     batch.add_argument(
+        "--metric-steps",
+        type=_number(int, 1, MAX_METRIC_STEPS),
+        default=32,
+        metavar="N",
+        help="points of each faithfulness curve, less one (default: 32)",
+    )
+    batch.add_argument(
         "--repository",
         help="where model names are looked up (default: ONNX_EXPLAIN_MODEL_REPOSITORY)",
     )
@@ -642,10 +659,12 @@ def _add_batch_parser(commands: "argparse._SubParsersAction[argparse.ArgumentPar
         metavar="ADDRESS",
         help="run on Ray Data: a cluster's address (e.g. ray://head:10001, auto), or `local`",
     )
-    ray.add_argument("--ray-actors", type=int, default=1, help="actors, one model each")
-    ray.add_argument("--ray-cpus-per-actor", type=_positive(float), default=1.0)
-    ray.add_argument("--ray-gpus-per-actor", type=_positive(float), default=0.0)
-    ray.add_argument("--ray-batch-size", type=int, default=8, help="images an actor gets per call")
+    ray.add_argument("--ray-actors", type=_number(int, 1), default=1, help="actors, one model each")
+    ray.add_argument("--ray-cpus-per-actor", type=_number(float, 0), default=1.0)
+    ray.add_argument("--ray-gpus-per-actor", type=_number(float, 0), default=0.0)
+    ray.add_argument(
+        "--ray-batch-size", type=_number(int, 1), default=8, help="images an actor gets per call"
+    )
     batch.set_defaults(handler=_batch)
 
 

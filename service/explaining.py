@@ -5,10 +5,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engines.imaging.decode import ImageLimits
+from engines.imaging.decode import ImageLimits, fit_to_input
+from engines.methods.metrics import faithfulness
 from engines.methods.pipeline import Explained, WorkLimits
 from engines.models.loaded import LoadedModel
-from schemas.explain import ExplainMethod, ExplainResponse, Explanation, OutputOptions
+from engines.runtime import progress
+from schemas.explain import (
+    ExplainMethod,
+    ExplainResponse,
+    Explanation,
+    Faithfulness,
+    MetricName,
+    OutputOptions,
+)
 from schemas.predict import Prediction
 from service.heatmaps import render_maps
 from service.settings import Settings
@@ -37,19 +46,55 @@ def resolve_targets(model: LoadedModel, targets: Sequence[int | str] | None) -> 
     return list(dict.fromkeys(model.resolve_target(target) for target in targets))
 
 
+def measure_faithfulness(
+    model: LoadedModel,
+    image: np.ndarray,
+    explained: Explained,
+    kinds: Sequence[MetricName],
+    steps: int,
+    curves: bool,
+    limits: WorkLimits,
+) -> list[Faithfulness]:
+    """Each map's deletion and insertion scores; progress is reported per metric as a stage."""
+    pixels = fit_to_input(image, model.config.input)
+    measured = []
+    for target_map in explained.maps:
+        found = {}
+        for kind in kinds:
+            with progress.stage(kind):
+                found.update(
+                    faithfulness(
+                        model, pixels, target_map.heatmap, target_map.target, [kind], steps, limits
+                    )
+                )
+        fields: dict[str, float | list[float]] = {}
+        for kind, curve in found.items():
+            fields[f"{kind}_auc"] = curve.auc
+            if curves:
+                fields[f"{kind}_curve"] = curve.scores.tolist()
+        measured.append(Faithfulness.model_validate(fields))
+    return measured
+
+
 def render_explanations(
-    explained: Explained, model: LoadedModel, image: np.ndarray, output: OutputOptions
+    explained: Explained,
+    model: LoadedModel,
+    image: np.ndarray,
+    output: OutputOptions,
+    metrics: Sequence[Faithfulness | None] | None = None,
 ) -> list[Explanation]:
     maps = [target_map.heatmap for target_map in explained.maps]
     rendered = render_maps(maps, image, model.config.input, output)
+    measured = metrics or [None] * len(maps)
     return [
         Explanation(
             target=target_map.target,
             label=model.label(target_map.target),
             heatmap=payloads[0],
             heatmaps=payloads,
+            metrics=scores,
         )
-        for target_map, payloads in zip(explained.maps, rendered, strict=True)
+        for target_map, payloads, scores in zip(explained.maps, rendered, measured, strict=True)
     ]
 
 

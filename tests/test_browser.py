@@ -272,3 +272,34 @@ def test_page_shows_the_service_error_for_a_file_that_is_not_an_image(
     expect(error).to_be_hidden()
     assert page.locator("#predictions li").count() == 5
     expect(page.locator("#image")).to_be_visible()
+
+
+WATCH_PROGRESS = """() => {
+  window.progressSeen = [];
+  const bar = document.getElementById("progress");
+  new MutationObserver(() => {
+    if (!bar.hidden) window.progressSeen.push([Number(bar.value), Number(bar.max)]);
+  }).observe(bar, { attributes: true });
+}"""
+
+
+def test_page_shows_occlusion_progress_as_it_runs(page: "Page", tmp_path: Path) -> None:
+    image_path = tmp_path / "chelsea.png"
+    assert cv2.imwrite(str(image_path), photo("chelsea")[:, :, ::-1])
+    page.select_option("#model", "efficientnet-lite0")
+    page.set_input_files("#file", str(image_path))
+    page.wait_for_selector("#target:enabled")
+    page.select_option("#method", "occlusion")
+    page.fill("#window", "56")
+    page.fill("#stride", "14")  # 13 x 13 = 169 occluded copies
+    page.evaluate(WATCH_PROGRESS)
+    page.click("#run")
+    page.wait_for_selector("#overlay[data-ready='true']", state="attached")
+    seen: list[list[float]] = page.evaluate("window.progressSeen")
+    done = [d for d, _ in seen]
+    assert {total for _, total in seen} == {169}
+    assert len(set(done)) >= 10, seen
+    assert done == sorted(done)
+    assert done[-1] == 169
+    assert page.locator("#progress").is_hidden()
+    assert "occlusion" in page.inner_text("#timings")

@@ -1,5 +1,6 @@
 """`onnx-explain batch`: a map and a manifest line per image, resumable, in-process and on Ray."""
 
+import base64
 import csv
 import json
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
 from engines.batch.job import map_stem
 from engines.batch.manifest import read_manifest
@@ -231,10 +233,11 @@ def test_a_folder_of_another_jobs_maps_is_refused(
     assert "holds the maps of another job (it differs in method, params)" in err
 
 
-def test_the_default_model_explains_photos_as_explain_does_one(
+def test_the_default_model_explains_photos_and_scores_them_as_the_service_does(
     capsys: pytest.CaptureFixture[str],
     batch_settings: None,
     default_model_dir: Path,
+    client: TestClient,
     tmp_path: Path,
 ) -> None:
     folder = tmp_path / "photos"
@@ -244,16 +247,33 @@ def test_the_default_model_explains_photos_as_explain_does_one(
     output = tmp_path / "maps"
     status, _, err = batch(
         capsys, MODEL, str(folder), "--repository", str(default_model_dir), "--output",
-        str(output), "--format", "overlay", "--format", "array",
+        str(output), "--format", "overlay", "--format", "array", "--metrics",
+        "insertion,deletion", "--metric-steps", "4",
     )  # fmt: skip
     assert status == 0, err
     lines = by_image(output)
     assert lines["chelsea.png"]["prediction"]["index"] in CAT_CLASSES
     assert read_png(output / lines["chelsea.png"]["files"]["overlay"]).shape == (*CHELSEA_SHAPE, 3)
     for name in ("chelsea", "coffee"):
+        line = lines[f"{name}.png"]
         alone = explained_alone(capsys, folder / f"{name}.png", MODEL, default_model_dir, tmp_path)
-        values = np.load(output / lines[f"{name}.png"]["files"]["array"])
-        np.testing.assert_allclose(values, alone, atol=1e-5)
+        np.testing.assert_allclose(np.load(output / line["files"]["array"]), alone, atol=1e-5)
+        body = {
+            "image": base64.b64encode((folder / f"{name}.png").read_bytes()).decode(),
+            "method": "gradcam",
+            "metrics": ["deletion", "insertion"],
+            "metric_steps": 4,
+            "output": {"format": "array"},
+        }
+        response = client.post(f"/v1/models/{MODEL}/explain", json=body)
+        assert response.status_code == 200, response.text
+        (explanation,) = response.json()["explanations"]
+        assert explanation["target"] == line["target"]
+        served = explanation["metrics"]
+        assert list(line["metrics"]) == ["deletion_auc", "insertion_auc"]
+        for key in ("deletion_auc", "insertion_auc"):
+            assert 0.0 <= line["metrics"][key] <= 1.0
+            assert line["metrics"][key] == pytest.approx(served[key], abs=1e-5)
 
 
 def test_ray_writes_the_maps_and_manifest_of_the_local_run(
@@ -265,7 +285,8 @@ def test_ray_writes_the_maps_and_manifest_of_the_local_run(
 ) -> None:
     pytest.importorskip("ray.data")
     job = ["tiny", str(image_folder), "--repository", str(tiny_repository_dir), "--format",
-           "colormap", "--format", "array", "--method", "saliency"]  # fmt: skip
+           "colormap", "--format", "array", "--method", "saliency", "--metrics",
+           "deletion,insertion"]  # fmt: skip
     status, _, err = batch(capsys, *job, "--output", str(tmp_path / "local"))
     assert status == 0, err
     status, out, err = batch(
@@ -282,7 +303,10 @@ def test_ray_writes_the_maps_and_manifest_of_the_local_run(
             assert other == line
             continue
         assert other["prediction"]["score"] == pytest.approx(line["prediction"]["score"], abs=1e-6)
-        assert {**other, "prediction": None} == {**line, "prediction": None}
+        assert set(line["metrics"]) == {"deletion_auc", "insertion_auc"}
+        assert other["metrics"] == pytest.approx(line["metrics"], abs=1e-6)
+        floats = {"prediction": None, "metrics": None}
+        assert {**other, **floats} == {**line, **floats}
         np.testing.assert_allclose(
             np.load(tmp_path / "ray" / other["files"]["array"]),
             np.load(tmp_path / "local" / line["files"]["array"]),

@@ -141,6 +141,48 @@ def test_gray_pngs_decode_to_the_normalised_map(
         assert explanation.array is exact
 
 
+def test_streamed_occlusion_reports_progress_and_scores(
+    service: ExplainClient, chelsea: np.ndarray
+) -> None:
+    seen: list[tuple[int, int, str | None]] = []
+    result = service.explain(
+        chelsea,
+        MODEL,
+        "occlusion",
+        params={"window": 56, "stride": 28},
+        metrics=["deletion", "insertion"],
+        metric_steps=4,
+        curves=True,
+        on_progress=lambda done, total, stage: seen.append((done, total, stage)),
+    )
+    stages = [stage for _, _, stage in seen]
+    assert stages == sorted(stages, key=["occlusion", "deletion", "insertion"].index)
+    assert set(stages) == {"occlusion", "deletion", "insertion"}
+    assert (49, 49, "occlusion") in seen
+    (explanation,) = result.explanations
+    assert explanation.metrics is not None
+    assert explanation.metrics.deletion_curve is not None
+    assert len(explanation.metrics.deletion_curve) == 5
+    assert explanation.metrics.deletion_auc is not None
+    plain = service.explain(chelsea, MODEL, "occlusion", params={"window": 56, "stride": 28})
+    assert plain.explanations[0].metrics is None
+    np.testing.assert_array_equal(plain.explanations[0].array, explanation.array)
+
+
+def test_an_error_in_a_stream_is_a_service_error(
+    service: ExplainClient, chelsea: np.ndarray
+) -> None:
+    with pytest.raises(ServiceError) as caught:
+        service.explain(
+            chelsea,
+            MODEL,
+            "occlusion",
+            params={"window": 8, "stride": 1, "max_passes": 10},
+            on_progress=lambda *_: None,
+        )
+    assert caught.value.code == "too_much_work"
+
+
 def test_an_unknown_model_is_a_service_error(service: ExplainClient, chelsea: np.ndarray) -> None:
     with pytest.raises(ServiceError) as caught:
         service.explain(chelsea, "resnet-9000", "gradcam")

@@ -140,6 +140,13 @@ def test_pixels_round_trip_and_range(spec: InputSpec) -> None:
     np.testing.assert_allclose(to_tensor(np.zeros((8, 9, 3)), spec).min(), low.min(), atol=1e-5)
 
 
+def test_pixels_at_the_input_size_are_never_cropped_again() -> None:
+    """A centre-crop model's input is already cropped: to_tensor must not crop it once more."""
+    spec = InputSpec(height=8, width=8, resize="center_crop", crop_fraction=0.5)
+    pixels = np.random.default_rng(1).integers(0, 256, size=(8, 8, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(to_pixels(to_tensor(pixels, spec), spec), pixels)
+
+
 EFFICIENTNET = "/v1/models/efficientnet-lite0/maximize"
 
 

@@ -3,7 +3,7 @@
 import base64
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -16,8 +16,14 @@ from pydantic import BaseModel, ValidationError
 
 from onnx_explain_client.errors import ClientError, ConnectionFailed, ServiceError
 from onnx_explain_client.results import ExplainResult
-from onnx_explain_client.schemas.errors import ErrorResponse
-from onnx_explain_client.schemas.explain import ExplainResponse, OutputOptions, ParamValue, Target
+from onnx_explain_client.schemas.errors import ErrorDetail, ErrorResponse
+from onnx_explain_client.schemas.explain import (
+    ExplainResponse,
+    MetricName,
+    OutputOptions,
+    ParamValue,
+    Target,
+)
 from onnx_explain_client.schemas.heatmap import HeatmapFormat
 from onnx_explain_client.schemas.models import ModelInfo, ModelList, ModelSummary, Readiness
 from onnx_explain_client.schemas.predict import PredictResponse
@@ -32,6 +38,18 @@ Output = OutputOptions | Mapping[str, Any]
 Params = Mapping[str, ParamValue | list[float]]
 
 Answer = TypeVar("Answer", bound=BaseModel)
+ProgressCallback = Callable[[int, int, str | None], None]
+"""Called with (done, total, stage) for each progress event of a streamed answer."""
+
+
+class StreamEvent(BaseModel):
+    """One line of a streamed answer: progress, the result, or the error."""
+
+    done: int | None = None
+    total: int | None = None
+    stage: str | None = None
+    result: dict[str, Any] | None = None
+    error: ErrorDetail | None = None
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -158,12 +176,18 @@ class ExplainClient:
         params: Params | None = None,
         output: Output | None = None,
         formats: HeatmapFormat | Sequence[HeatmapFormat] | None = None,
+        metrics: Sequence[MetricName] = (),
+        metric_steps: int | None = None,
+        curves: bool = False,
+        on_progress: ProgressCallback | None = None,
     ) -> ExplainResult:
         """`POST /v1/models/{model}/explain`: one heatmap per target and requested format.
 
         `targets` are class indices or label names (default: the `top_k` predicted classes);
         `output` holds the rendering options (README, "Explanations"); `formats` is a shortcut
-        for its `format`.
+        for its `format`. `metrics` ("deletion", "insertion") adds each map's faithfulness
+        scores (with `curves`, the curves too). With `on_progress`, the answer is streamed and
+        `on_progress(done, total, stage)` is called for each progress event.
         """
         body: dict[str, Any] = {
             "image": self._image_field(image),
@@ -177,8 +201,57 @@ class ExplainClient:
         options = output_options(output, formats)
         if options:
             body["output"] = options
-        response = self._send("POST", self._model_path(model, "explain"), body)
+        if metrics:
+            body["metrics"] = list(metrics)
+        if metric_steps is not None:
+            body["metric_steps"] = metric_steps
+        if curves:
+            body["curves"] = True
+        path = self._model_path(model, "explain")
+        if on_progress is not None:
+            answer = self._streamed(ExplainResponse, path, body, on_progress)
+            return ExplainResult.from_response(answer)
+        response = self._send("POST", path, body)
         return ExplainResult.from_response(self._answer(ExplainResponse, response))
+
+    def _streamed(
+        self,
+        schema: type[Answer],
+        path: str,
+        body: dict[str, Any],
+        on_progress: ProgressCallback,
+    ) -> Answer:
+        """POST with `"stream": true`: progress events to `on_progress`, then the answer."""
+        where = f"{self.base_url}{path}"
+        headers = {"accept": "application/x-ndjson"}
+        try:
+            with self._http.stream(
+                "POST", path, json={**body, "stream": True}, headers=headers
+            ) as response:
+                if not response.is_success:
+                    response.read()
+                    raise _service_error(response)
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    event = StreamEvent.model_validate_json(line)
+                    if event.error is not None:
+                        raise ServiceError(
+                            response.status_code, event.error.code, event.error.message
+                        )
+                    if event.result is not None:
+                        return schema.model_validate(event.result)
+                    if event.done is not None and event.total is not None:
+                        on_progress(event.done, event.total, event.stage)
+        except ValidationError as exc:
+            raise ClientError(
+                f"unexpected event from {where}: {exc.error_count()} bad field(s)"
+            ) from exc
+        except httpx2.TimeoutException as exc:
+            raise ConnectionFailed(f"no answer from {where} in time ({exc})") from exc
+        except httpx2.TransportError as exc:
+            raise ConnectionFailed(f"cannot reach {where}: {exc}") from exc
+        raise ConnectionFailed(f"{where} closed the stream before answering")
 
     @staticmethod
     def _image_field(image: ImageSource) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import png
 
 from onnx_explain_client.errors import ClientError
-from onnx_explain_client.schemas.explain import ExplainResponse, Explanation
+from onnx_explain_client.schemas.explain import ExplainResponse, Explanation, Faithfulness
 from onnx_explain_client.schemas.heatmap import (
     PNG16_MAX,
     PNG_FORMATS,
@@ -103,11 +103,13 @@ class ExplanationResult:
     target: int
     label: str
     heatmaps: list[DecodedHeatmap]
+    metrics: Faithfulness | None = None
+    """Deletion/insertion scores, when the request asked for `metrics`."""
 
     @classmethod
     def from_schema(cls, explanation: Explanation) -> "ExplanationResult":
         decoded = [DecodedHeatmap.from_payload(p) for p in explanation.heatmaps]
-        return cls(explanation.target, explanation.label, decoded)
+        return cls(explanation.target, explanation.label, decoded, explanation.metrics)
 
     @property
     def heatmap(self) -> DecodedHeatmap:

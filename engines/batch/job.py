@@ -25,8 +25,9 @@ from engines.batch.inputs import ImageItem
 from engines.batch.manifest import MANIFEST_FILE, Manifest, check_job, read_manifest, record_job
 from engines.errors import EngineError, InvalidParameters, UnsupportedModel
 from engines.graphs.prepared import write_file_atomically
-from engines.imaging.decode import ImageLimits, decode_image, preprocess
+from engines.imaging.decode import ImageLimits, decode_image, fit_to_input, preprocess
 from engines.imaging.render import Encoded, render_maps
+from engines.methods.metrics import MetricKind, faithfulness
 from engines.methods.pipeline import Explainer, WorkLimits
 from engines.methods.registry import EXPLAINERS
 from engines.models.loaded import MODEL_FILE, LoadedModel, file_sha256
@@ -66,7 +67,9 @@ class BatchSpec:
     output: OutputOptions = field(default_factory=OutputOptions)
     target: int | str | None = None
     """One class for every image (index or label); None: each image's top prediction."""
-    metrics: tuple[str, ...] = ()
+    metrics: tuple[MetricKind, ...] = ()
+    """Faithfulness scores of each map (engines.methods.metrics): deletion, insertion."""
+    metric_steps: int = 32
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     cache_dir: Path | None = None
     batch_policy: BatchPolicy = field(
@@ -87,6 +90,7 @@ class BatchSpec:
             "target": self.target,
             "output": self.output.model_dump(mode="json"),
             "metrics": list(self.metrics),
+            "metric_steps": self.metric_steps,
         }
 
 
@@ -94,6 +98,8 @@ def check_spec(spec: BatchSpec) -> None:
     """Refuse what no image could succeed with, before anything is loaded or written."""
     if spec.method not in EXPLAINERS:
         raise InvalidParameters(f"unknown method {spec.method!r}")
+    if spec.metric_steps < 1:
+        raise InvalidParameters("a faithfulness curve needs at least one step")
     unwritable = [fmt for fmt in spec.output.formats if fmt not in FILE_SUFFIXES]
     if unwritable:
         raise InvalidParameters(
@@ -164,6 +170,19 @@ class BatchWorker:
         )
         target_map = explained.maps[0]
         (encoded,) = render_maps([target_map.heatmap], image, model.config.input, spec.output)
+        metrics = {}
+        if spec.metrics:
+            pixels = fit_to_input(image, model.config.input)
+            curves = faithfulness(
+                model,
+                pixels,
+                target_map.heatmap,
+                target_map.target,
+                spec.metrics,
+                spec.metric_steps,
+                spec.work_limits,
+            )
+            metrics = {f"{kind}_auc": curve.auc for kind, curve in curves.items()}
         files = self._write(map_stem(key), encoded)
         top = model.top_predictions(explained.probabilities, 1)[0]
         return {
@@ -171,7 +190,7 @@ class BatchWorker:
             "prediction": {"index": top.index, "label": top.label, "score": top.score},
             "target": target_map.target,
             "files": files,
-            "metrics": {},
+            "metrics": metrics,
         }
 
     def _write(self, stem: str, encoded: list[Encoded]) -> dict[str, str]:

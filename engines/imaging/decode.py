@@ -17,6 +17,7 @@ answers that follow the settings: we keep these.
 """
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -276,18 +277,22 @@ def _jpeg_is_complete(data: bytes) -> bool:
 
 def preprocess(images: list[np.ndarray], spec: InputSpec) -> np.ndarray:
     """RGB uint8 images -> a float32 batch laid out as the model expects."""
+    return normalize_fitted([fit_to_input(image, spec) for image in images], spec)
+
+
+def normalize_fitted(fitted: Sequence[np.ndarray] | np.ndarray, spec: InputSpec) -> np.ndarray:
+    """RGB images already at the model's input size (see `fit_to_input`) -> the input batch."""
     # mean and std are declared in the model's own channel order.
     std = np.asarray(spec.std, dtype=np.float64)
     gain = (spec.scale / std).astype(np.float32)[:, None, None]
     offset = (-np.asarray(spec.mean, dtype=np.float64) / std).astype(np.float32)[:, None, None]
-    batch = np.empty((len(images), 3, spec.height, spec.width), dtype=np.float32)
-    for i, image in enumerate(images):
-        fitted = fit_to_input(image, spec)
+    batch = np.empty((len(fitted), 3, spec.height, spec.width), dtype=np.float32)
+    for i, image in enumerate(fitted):
         if spec.color == "BGR":
-            fitted = fitted[..., ::-1]
+            image = image[..., ::-1]
         # Channel planes first: numpy broadcasts over a last axis of 3 some 20x slower.
         planes = batch[i]
-        planes[...] = fitted.transpose(2, 0, 1)
+        planes[...] = image.transpose(2, 0, 1)
         planes *= gain
         planes += offset
     if spec.layout == "NHWC":

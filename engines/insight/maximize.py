@@ -14,7 +14,7 @@ import onnx
 from engines.errors import InvalidParameters
 from engines.graphs import GradientSpec, build_gradient_model
 from engines.graphs.prepared import GraphKey
-from engines.imaging.decode import blur_tensor, preprocess
+from engines.imaging.decode import blur_tensor, normalize_fitted
 from engines.methods.pipeline import seeds_for
 from engines.models.layers import LayerInfo
 from engines.models.loaded import LoadedModel
@@ -55,8 +55,11 @@ def valid_range(spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_tensor(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """(H, W, 3) RGB pixel values (any float) at the input size -> a (1, ...) tensor."""
-    return preprocess([pixels], spec)
+    """(H, W, 3) RGB pixel values (any float) at the input size -> a (1, ...) tensor.
+
+    The pixels are already the model's input: never resized or cropped again.
+    """
+    return normalize_fitted([pixels], spec)
 
 
 def to_pixels(tensor: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -30,8 +30,6 @@ Scorer = Callable[[np.ndarray], np.ndarray]
 """A batch of input tensors -> (B, scores): class scores, or a layer's per-channel means."""
 WindowScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """Windows' top and left corners (B,) -> the scores of the image occluded there (B, scores)."""
-Progress = Callable[[int, int], None]
-"""Called after each batch with (passes done, total passes)."""
 CUDA = "CUDAExecutionProvider"
 
 _job_slots: dict[int, threading.BoundedSemaphore] = {}
@@ -101,15 +99,9 @@ def batch_size(input_bytes: int, budget_bytes: int) -> int:
 class Occlusion(Explainer):
     params_model: ClassVar[type[OcclusionParams]] = OcclusionParams
 
-    def __init__(
-        self, copies_on_device: bool | None = None, progress: Progress | None = None
-    ) -> None:
-        """`copies_on_device`: make copies inside the graph (None: only on CUDA).
-
-        `progress`: called after each batch with (passes done, total passes).
-        """
+    def __init__(self, copies_on_device: bool | None = None) -> None:
+        """`copies_on_device`: make copies inside the graph (None: only on CUDA)."""
         self.copies_on_device = copies_on_device
-        self.progress = progress
 
     @staticmethod
     def host_copies(
@@ -201,7 +193,10 @@ class Occlusion(Explainer):
                 clean = clean[:, targets]
 
             batch = model.rows_per_run(
-                batch_size(tensor[0].nbytes, limits.memory_budget_bytes), model.activation_bytes
+                progress.rows_per_report(
+                    batch_size(tensor[0].nbytes, limits.memory_budget_bytes), passes
+                ),
+                model.activation_bytes,
             )
             maps_count = 1 if params.score == "feature_dip" else len(targets)
             impulses = np.zeros((maps_count, height, width), dtype=np.float64)
@@ -229,8 +224,6 @@ class Occlusion(Explainer):
                 # Each window's drop is recorded at its top-left corner and spread by a box sum.
                 for row, column_drops in zip(impulses, drops.T, strict=True):
                     np.add.at(row, (chunk_tops, chunk_lefts), column_drops)
-                if self.progress is not None:
-                    self.progress(start + chunk_tops.size, passes)
                 progress.report(start + chunk_tops.size, passes)
             counts = np.zeros((1, height, width), dtype=np.float64)
             np.add.at(counts[0], (grid_tops, grid_lefts), 1.0)

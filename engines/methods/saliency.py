@@ -21,6 +21,7 @@ from engines.methods.pipeline import (
     seeds_for,
 )
 from engines.models.loaded import LoadedModel
+from engines.runtime import progress
 from schemas.params import (
     GradientTimesInputParams,
     GuidedGradCamParams,
@@ -109,11 +110,19 @@ class GradientTimesInput(InputGradientExplainer):
         return probabilities, chosen, [g * image for g in grads]
 
 
-def mean_input_gradient(model: LoadedModel, rows: np.ndarray, target: int) -> np.ndarray:
-    """The gradient of `target` at each row of `rows`, averaged, channels first (C, H, W)."""
+def mean_input_gradient(
+    model: LoadedModel, rows: np.ndarray, target: int, done: int = 0, all_rows: int = 0
+) -> np.ndarray:
+    """The gradient of `target` at each row of `rows`, averaged, channels first (C, H, W).
+
+    Progress counts rows: `done` of `all_rows` (default: just these rows) came before.
+    """
     key = GraphKey(layer=None, wrt_input=True, guided=False, top_k_seeds=False)
     total: np.ndarray | None = None
-    per_run = model.rows_per_run(CHUNK_ROWS, model.gradients.activation_bytes)
+    all_rows = all_rows or rows.shape[0]
+    per_run = model.rows_per_run(
+        progress.rows_per_report(CHUNK_ROWS, all_rows), model.gradients.activation_bytes
+    )
     for start in range(0, rows.shape[0], per_run):
         chunk = rows[start : start + per_run]
         seeds = seeds_for([target] * chunk.shape[0], model.num_classes)
@@ -121,10 +130,20 @@ def mean_input_gradient(model: LoadedModel, rows: np.ndarray, target: int) -> np
         assert run.grad_input is not None
         chunk_sum = run.grad_input.astype(np.float64).sum(axis=0)
         total = chunk_sum if total is None else total + chunk_sum
+        progress.report(done + start + chunk.shape[0], all_rows)
     assert total is not None
     mean = total / rows.shape[0]
     averaged: np.ndarray = channels_first(mean[None], model.channel_axis)[0]
     return averaged
+
+
+def mean_gradients(model: LoadedModel, rows: np.ndarray, targets: list[int]) -> list[np.ndarray]:
+    """`mean_input_gradient` for each target, with one progress count over all of them."""
+    count = rows.shape[0]
+    return [
+        mean_input_gradient(model, rows, target, i * count, count * len(targets))
+        for i, target in enumerate(targets)
+    ]
 
 
 class SmoothGrad(InputGradientExplainer):
@@ -143,8 +162,7 @@ class SmoothGrad(InputGradientExplainer):
         sigma = params.noise * float(tensor.max() - tensor.min())
         noise = rng.normal(0.0, sigma, size=(params.samples, *tensor.shape[1:]))
         rows = (tensor + noise).astype(np.float32)
-        grads = [mean_input_gradient(model, rows, target) for target in chosen]
-        return probabilities, chosen, grads
+        return probabilities, chosen, mean_gradients(model, rows, chosen)
 
 
 class IntegratedGradients(InputGradientExplainer):
@@ -166,7 +184,7 @@ class IntegratedGradients(InputGradientExplainer):
         shape = (-1,) + (1,) * (tensor.ndim - 1)
         rows = (baseline + alphas.reshape(shape) * (tensor - baseline)).astype(np.float32)
         difference = channels_first(tensor - baseline, model.channel_axis)[0]
-        grads = [mean_input_gradient(model, rows, t) * difference for t in chosen]
+        grads = [g * difference for g in mean_gradients(model, rows, chosen)]
         return probabilities, chosen, grads
 
     def baseline(self, model: LoadedModel, tensor: np.ndarray, kind: str) -> np.ndarray:

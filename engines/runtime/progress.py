@@ -4,16 +4,16 @@ A route (or the batch CLI) wraps a call in `reporting(listener)`; any method's b
 `report(done, total)` after each batch without knowing who, if anyone, listens. Like deadlines,
 the listener lives on the worker thread that runs the engine.
 
-Work in several phases (a map, then its deletion and insertion curves) opens a `phase` per
-part: the listener then sees one running count over all of them.
+Work in several parts (a map, then its deletion and insertion curves) names each part with
+`stage`; the listener gets the name with each report, and each part counts from zero.
 """
 
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-Listener = Callable[[int, int], None]
-"""Called with (units done, units in all)."""
+Listener = Callable[[int, int, str | None], None]
+"""Called with (units done, units in the stage, the stage's name)."""
 
 _local = threading.local()
 
@@ -30,32 +30,30 @@ def reporting(listener: Listener) -> Iterator[None]:
 
 
 def report(done: int, total: int) -> None:
-    """`done` of `total` units of the current phase are finished."""
+    """`done` of `total` units of the current stage are finished."""
     listener: Listener | None = getattr(_local, "listener", None)
     if listener is not None:
-        listener(done, total)
+        listener(done, total, getattr(_local, "stage", None))
+
+
+def listening() -> bool:
+    return getattr(_local, "listener", None) is not None
+
+
+def rows_per_report(rows: int, total: int, reports: int = 25) -> int:
+    """At most `rows` per run, and fewer while someone listens, so that `total` rows give
+    about `reports` reports (a listener wants progress every few percent)."""
+    if not listening():
+        return rows
+    return max(1, min(rows, total // reports))
 
 
 @contextmanager
-def phases(totals: list[int]) -> Iterator[Callable[[int], None]]:
-    """Report several consecutive parts as one count: `start(i)` begins part i.
-
-    Inside part i, `report(done, totals[i])` reaches the outer listener as
-    (sum(totals[:i]) + done, sum(totals)).
-    """
-    outer: Listener | None = getattr(_local, "listener", None)
-    offset = [0]
-    grand_total = sum(totals)
-
-    def start(index: int) -> None:
-        offset[0] = sum(totals[:index])
-
-    if outer is None:
-        yield start
-        return
-
-    def inner(done: int, total: int) -> None:
-        outer(offset[0] + done, grand_total)
-
-    with reporting(inner):
-        yield start
+def stage(name: str) -> Iterator[None]:
+    """Reports within the block belong to the part of the work called `name`."""
+    previous = getattr(_local, "stage", None)
+    _local.stage = name
+    try:
+        yield
+    finally:
+        _local.stage = previous

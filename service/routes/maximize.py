@@ -1,19 +1,13 @@
 """POST /v1/models/{name}/maximize: the image that maximizes a class, as JSON or NDJSON steps."""
 
-import asyncio
 import base64
-import json
-import logging
-import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from engines.errors import EngineError, InvalidParameters
+from engines.errors import InvalidParameters
 from engines.imaging.render import encode_png
 from engines.insight.maximize import Maximized, maximize
 from engines.models.loaded import LoadedModel
@@ -21,19 +15,11 @@ from schemas.maximize import MaximizeParams, MaximizeRequest, MaximizeResponse, 
 from service.errors import InvalidRequest, UnsupportedMediaType, describe_validation_error
 from service.openapi import request_body
 from service.routes.models import WORK_ERRORS, ModelName
-from service.state import ServiceState, State
+from service.state import State
+from service.streaming import STREAM_MEDIA_TYPES, Emit, stream_response
 from service.work import loaded_model, run_engine
 
 router = APIRouter(prefix="/v1/models", tags=["maximize"])
-
-NDJSON = "application/x-ndjson"
-log = logging.getLogger(__name__)
-# Running ascents of streams, kept referenced until they finish (asyncio holds tasks weakly).
-tasks: set[asyncio.Task[None]] = set()
-
-
-class StreamClosed(Exception):
-    """The client went away: the ascent stops at its next step."""
 
 
 def _response(
@@ -70,58 +56,6 @@ def _params(parsed: MaximizeRequest) -> MaximizeParams:
     )
 
 
-def _line(event: dict[str, Any]) -> bytes:
-    return (json.dumps(event, separators=(",", ":")) + "\n").encode()
-
-
-def _stream(
-    state: ServiceState, name: str, model: LoadedModel, target: int, parsed: MaximizeRequest
-) -> AsyncIterator[bytes]:
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    closed = threading.Event()
-    started = time.perf_counter()
-    params = _params(parsed)
-
-    def on_step(step: int, score: float) -> None:
-        if closed.is_set():
-            raise StreamClosed
-        loop.call_soon_threadsafe(events.put_nowait, {"step": step, "score": score})
-
-    def work() -> Maximized:
-        return maximize(model, target, params, on_step=on_step)
-
-    async def produce() -> None:
-        try:
-            result = await run_engine(state, parsed.timeout_ms, work)
-        except EngineError as exc:
-            await events.put({"error": {"code": exc.code, "message": exc.message}})
-            return
-        except StreamClosed:
-            return
-        except Exception as exc:
-            log.error("maximize stream failed", exc_info=exc)
-            await events.put({"error": {"code": "internal_error", "message": "internal error"}})
-            return
-        answer = _response(name, model, target, parsed, result, started)
-        await events.put({"result": answer.model_dump(mode="json")})
-
-    async def lines() -> AsyncIterator[bytes]:
-        task = asyncio.create_task(produce())
-        tasks.add(task)
-        try:
-            while True:
-                event = await events.get()
-                yield _line(event)
-                if "result" in event or "error" in event:
-                    break
-        finally:
-            closed.set()
-            task.add_done_callback(tasks.discard)  # runs at once if it is already done
-
-    return lines()
-
-
 async def _read_request(request: Request) -> MaximizeRequest:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type not in ("", "application/json") and not media_type.endswith("+json"):
@@ -143,7 +77,7 @@ REQUEST_BODY = request_body(
 @router.post(
     "/{name}/maximize",
     response_model=MaximizeResponse,
-    responses={**WORK_ERRORS, 200: {"content": {NDJSON: {}}}},
+    responses={**WORK_ERRORS, 200: {"content": STREAM_MEDIA_TYPES}},
     openapi_extra=REQUEST_BODY,
     summary="The input that maximizes a class score (activation maximization).",
 )
@@ -159,8 +93,18 @@ async def maximize_class(
         target = parsed.target
     else:
         raise InvalidParameters("with `layer`, `target` is a channel index")
-    if parsed.stream:
-        return StreamingResponse(_stream(state, name, model, target, parsed), media_type=NDJSON)
     params = _params(parsed)
+    if parsed.stream:
+
+        def work(emit: Emit) -> Maximized:
+            def on_step(step: int, score: float) -> None:
+                emit({"step": step, "score": score})
+
+            return maximize(model, target, params, on_step=on_step)
+
+        def answer(result: Maximized) -> MaximizeResponse:
+            return _response(name, model, target, parsed, result, started)
+
+        return stream_response(request, state, parsed.timeout_ms, work, answer)
     result = await run_engine(state, parsed.timeout_ms, lambda: maximize(model, target, params))
     return _response(name, model, target, parsed, result, started)

@@ -2,6 +2,8 @@
 "use strict";
 
 const CAM_METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "guided_gradcam"];
+// Methods that take long enough to stream their progress (NDJSON events) into the bar.
+const STREAMED_METHODS = ["occlusion", "smoothgrad", "integrated_gradients"];
 const TOP_K = 5;
 const OVERLAY_ALPHA = 0.5;
 
@@ -17,6 +19,7 @@ const ui = {
   layer: $("layer"),
   run: $("run"),
   status: $("status"),
+  progress: $("progress"),
   error: $("error"),
   image: $("image"),
   heatmap: $("heatmap"),
@@ -55,6 +58,49 @@ async function api(path, body) {
   return payload;
 }
 
+// POST with "stream": true; `onProgress(done, total)` for each progress line, then the answer.
+async function streamed(path, body, onProgress) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method: "POST",
+      headers: { "content-type": "application/json", accept: "application/x-ndjson" },
+      body: JSON.stringify({ ...body, stream: true }),
+    });
+  } catch (err) {
+    throw new Error(`Cannot reach the service: ${err.message}`);
+  }
+  if (!response.ok) {
+    const payload = await response.json().catch(() => null);
+    const message = payload && payload.error && payload.error.message;
+    throw new Error(message || `${response.status} ${response.statusText}`);
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffered += value;
+    const lines = buffered.split("\n");
+    buffered = lines.pop();
+    for (const line of lines.filter((l) => l.trim())) {
+      const event = JSON.parse(line);
+      if (event.error) throw new Error(event.error.message);
+      if (event.result) return event.result;
+      onProgress(event.done, event.total);
+    }
+  }
+  throw new Error("The service closed the stream before answering");
+}
+
+function showProgress(done, total) {
+  ui.progress.hidden = false;
+  ui.progress.max = total;
+  ui.progress.value = done;
+  ui.progress.dataset.done = String(done);
+  ui.progress.dataset.total = String(total);
+}
+
 const modelPath = (name) => `v1/models/${encodeURIComponent(name)}`;
 
 // --- messages --------------------------------------------------------------------------------
@@ -71,6 +117,7 @@ function clearError() {
 
 function setBusy(text) {
   ui.status.textContent = text;
+  if (!text) ui.progress.hidden = true;
   ui.run.disabled = Boolean(text) || !ui.model.value || !state.imageData;
 }
 
@@ -317,7 +364,12 @@ async function explain(event) {
   clearCanvas(ui.overlay);
   setBusy(`Running ${method}…`);
   try {
-    const answer = await api(`${modelPath(ui.model.value)}/explain`, body);
+    const path = `${modelPath(ui.model.value)}/explain`;
+    const answer = STREAMED_METHODS.includes(method)
+      ? await streamed(path, body, (done, total) => {
+        if (generation === state.generation) showProgress(done, total);
+      })
+      : await api(path, body);
     if (generation !== state.generation) return;
     const [explanation] = answer.explanations;
     await drawHeatmap(ui.heatmap, explanation.heatmap.data);
