@@ -473,7 +473,7 @@ def _model_folder(model: str, repository: Path) -> tuple[str, Path]:
     if (given / MODEL_FILE).is_file():
         return given.resolve().name, given.resolve()
     if MODEL_NAME_PATTERN.fullmatch(model) and (repository / model / MODEL_FILE).is_file():
-        return model, repository / model
+        return model, (repository / model).resolve()
     raise _Failure(f"{model!r} is neither a model folder nor a model in {repository}")
 
 
@@ -509,7 +509,7 @@ def _batch_spec(args: argparse.Namespace, settings: Settings) -> "BatchSpec":
     from service.explaining import image_limits, work_limits
 
     repository = Path(args.repository) if args.repository else settings.model_repository
-    name, folder = _model_folder(args.model, repository)
+    name, folder = _model_folder(args.model, repository)  # absolute: Ray's workers read it
     fields: dict[str, Any] = {"format": args.format or ["png"]}
     for field in ("normalize", "colormap", "alpha", "size"):
         if getattr(args, field) is not None:
@@ -522,20 +522,20 @@ def _batch_spec(args: argparse.Namespace, settings: Settings) -> "BatchSpec":
         params = EXPLAINERS[args.method].params_model.model_validate(_batch_params(args))
     except ValidationError as exc:
         raise _Failure("params." + describe_validation_error(exc)) from exc
-    source = Path(args.input)
+    source = Path(args.input).resolve()
     default_output = source.with_name(f"{source.stem or source.name}-maps")
     return BatchSpec(
         model_name=name,
         model_folder=folder,
         method=args.method,
         params=params,
-        output_dir=Path(args.output) if args.output else default_output,
+        output_dir=(Path(args.output) if args.output else default_output).resolve(),
         output=output,
         target=_parse_target(args.target) if args.target is not None else None,
         metrics=_metric_kinds(args.metrics),
         metric_steps=args.metric_steps,
         runtime=settings.runtime_options(),
-        cache_dir=settings.cache_dir / name,
+        cache_dir=(settings.cache_dir / name).resolve(),
         batch_policy=settings.batch_policy(),
         memory_budget_bytes=settings.memory_budget_bytes or None,
         image_limits=image_limits(settings),
@@ -551,7 +551,7 @@ def _batch(args: argparse.Namespace) -> int:
     settings = Settings()
     try:
         spec = _batch_spec(args, settings)
-        items = read_inputs(Path(args.input), args.column)
+        items = read_inputs(Path(args.input).resolve(), args.column, spec.output_dir)
         bar = _ProgressBar(sys.stderr, args.method, "images") if _show_progress(args) else None
         if args.ray:
             from engines.batch.on_ray import RayOptions, run_on_ray

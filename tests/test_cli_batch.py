@@ -90,7 +90,7 @@ def test_a_folder_gets_a_map_and_a_line_per_image_and_a_rerun_resumes(
     image_folder: Path,
     tmp_path: Path,
 ) -> None:
-    output = tmp_path / "maps"
+    output = image_folder / "maps"  # inside the input: its PNGs are no input images
     job = ["tiny", str(image_folder), "--repository", str(tiny_repository_dir), "--output",
            str(output), "--format", "png", "--format", "array", "--progress"]  # fmt: skip
     status, out, err = batch(capsys, *job)

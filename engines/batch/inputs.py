@@ -40,11 +40,14 @@ def input_kind(source: Path) -> InputKind:
     return "list"
 
 
-def read_inputs(source: Path, column: str = DEFAULT_COLUMN) -> list[ImageItem]:
-    """Every image `source` names, in its order (a folder's files sorted by path)."""
+def read_inputs(
+    source: Path, column: str = DEFAULT_COLUMN, outside: Path | None = None
+) -> list[ImageItem]:
+    """Every image `source` names, in its order (a folder's files sorted by path); a folder's
+    files under `outside` (a job's output folder inside its input) are not its images."""
     kind = input_kind(source)
     if kind == "folder":
-        return folder_images(source)
+        return folder_images(source, outside)
     if kind == "list":
         keys = list_keys(source)
     elif kind == "csv":
@@ -54,12 +57,14 @@ def read_inputs(source: Path, column: str = DEFAULT_COLUMN) -> list[ImageItem]:
     return items_from_keys(keys, source.parent)
 
 
-def folder_images(folder: Path) -> list[ImageItem]:
+def folder_images(folder: Path, outside: Path | None = None) -> list[ImageItem]:
     """The image files under `folder`, subfolders included, by their relative paths."""
     found = [
         path
         for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and path.is_file()
+        and (outside is None or not path.is_relative_to(outside))
     ]
     keyed = sorted((path.relative_to(folder).as_posix(), path) for path in found)
     return [ImageItem(key, path) for key, path in keyed]

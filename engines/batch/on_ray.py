@@ -99,6 +99,12 @@ def run_on_ray(
         BatchWorker(dataclasses.replace(spec, runtime=RuntimeOptions(providers="cpu")))
         return lines(todo)
 
+    # Each actor's onnxruntime threads fit the CPUs Ray gives it.
+    threads = max(1, int(options.cpus_per_actor))
+    actor_spec = dataclasses.replace(
+        spec, runtime=dataclasses.replace(spec.runtime, intra_op_threads=threads)
+    )
+
     def lines(todo: list[ImageItem]) -> Iterator[dict[str, Any]]:
         with connected(options):
             logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -107,7 +113,7 @@ def run_on_ray(
             blocks = min(len(rows), options.actors * 4)
             made = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
                 RayBatchWorker,
-                fn_constructor_kwargs={"spec": spec},
+                fn_constructor_kwargs={"spec": actor_spec},
                 batch_size=options.images_per_call,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=options.actors),
