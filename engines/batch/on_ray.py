@@ -11,8 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,15 +54,13 @@ class RayBatchWorker:
         return {"line": np.array(lines, dtype=object)}
 
 
-@contextmanager
-def connected(options: RayOptions) -> Iterator[None]:
-    """Ray initialised for the block: a local one started (and stopped after) for `local`, a
-    cluster joined otherwise, or the session this process already has."""
+def connect(options: RayOptions) -> Callable[[], None]:
+    """Initialise Ray: start a local one for `local`, join the cluster at the address
+    otherwise, or keep the session this process already has. Returns what ends it."""
     import ray
 
     if ray.is_initialized():
-        yield
-        return
+        return lambda: None
     if options.address == LOCAL:
         wanted = options.actors * options.cpus_per_actor + 1  # one more for the read tasks
         ray.init(
@@ -74,11 +71,11 @@ def connected(options: RayOptions) -> Iterator[None]:
             logging_level=logging.WARNING,
         )
     else:
-        ray.init(address=options.address, logging_level=logging.WARNING)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+        try:
+            ray.init(address=options.address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise InvalidParameters(f"cannot join Ray at {options.address}: {exc}") from exc
+    return ray.shutdown
 
 
 def run_on_ray(
@@ -93,20 +90,21 @@ def run_on_ray(
     except ImportError as exc:
         raise InvalidParameters("--ray needs Ray Data: pip install 'onnx-explain[ray]'") from exc
 
-    def start(todo: list[ImageItem]) -> Iterator[dict[str, Any]]:
-        # A refusal (a method the model does not support, an unknown target) is found here,
-        # once, rather than as every actor's failure to start.
-        BatchWorker(dataclasses.replace(spec, runtime=RuntimeOptions(providers="cpu")))
-        return lines(todo)
-
     # Each actor's onnxruntime threads fit the CPUs Ray gives it.
     threads = max(1, int(options.cpus_per_actor))
     actor_spec = dataclasses.replace(
         spec, runtime=dataclasses.replace(spec.runtime, intra_op_threads=threads)
     )
 
-    def lines(todo: list[ImageItem]) -> Iterator[dict[str, Any]]:
-        with connected(options):
+    def start(todo: list[ImageItem]) -> Iterator[dict[str, Any]]:
+        # A refusal (a method the model does not support, an unknown target) is found here,
+        # once, rather than as every actor's failure to start; Ray is joined before the job
+        # writes anything.
+        BatchWorker(dataclasses.replace(spec, runtime=RuntimeOptions(providers="cpu")))
+        return lines(todo, connect(options))
+
+    def lines(todo: list[ImageItem], disconnect: Callable[[], None]) -> Iterator[dict[str, Any]]:
+        try:
             logging.getLogger("ray.data").setLevel(logging.WARNING)
             ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts lines
             rows = [{"image": item.key, "path": str(item.path)} for item in todo]
@@ -123,5 +121,7 @@ def run_on_ray(
             for batch in made.iter_batches(batch_size=None, batch_format="numpy"):
                 for text in batch["line"]:
                     yield json.loads(str(text))
+        finally:
+            disconnect()
 
     return run_job(spec, items, progress, start)
