@@ -537,6 +537,7 @@ def _batch_spec(args: argparse.Namespace, settings: Settings) -> "BatchSpec":
         runtime=settings.runtime_options(),
         cache_dir=(settings.cache_dir / name).resolve(),
         batch_policy=settings.batch_policy(),
+        images_in_flight=args.images_in_flight,
         memory_budget_bytes=settings.memory_budget_bytes or None,
         image_limits=image_limits(settings),
         work_limits=work_limits(settings),
@@ -649,6 +650,13 @@ def _add_batch_parser(commands: "argparse._SubParsersAction[argparse.ArgumentPar
     batch.add_argument(
         "--repository",
         help="where model names are looked up (default: ONNX_EXPLAIN_MODEL_REPOSITORY)",
+    )
+    batch.add_argument(
+        "--images-in-flight",
+        type=_number(int, 1, 1024),
+        default=0,
+        metavar="N",
+        help="images explained at once, on as many threads (default: 4 on CPU, 32 on a GPU)",
     )
     batch.add_argument(
         "--progress", action="store_true", help="show progress on stderr even if not a terminal"

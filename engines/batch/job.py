@@ -1,12 +1,14 @@
 """One job: every image of a list explained with one loaded model, its maps written as files
 and its line appended to the manifest.
 
-Images are explained on a few worker threads at once. The model is loaded with a batch policy,
-so the single-image forward and gradient runs of the threads in flight join in one onnxruntime
-run (the model's own cross-request batcher, engines.runtime.batcher), for every method; decoding,
-preprocessing and rendering run on the threads alongside.
+Images are explained on a few worker threads at once, their decoding, preprocessing and
+rendering alongside each other's runs. The model is loaded with a batch policy, so on a GPU the
+single-image forward and gradient runs of the threads in flight join in one onnxruntime run (the
+model's own cross-request batcher, engines.runtime.batcher), for every method; on CPU, where
+that costs more than it saves, each run stays one image unless the policy says otherwise.
 """
 
+import dataclasses
 import hashlib
 import io
 import re
@@ -34,7 +36,7 @@ from engines.models.loaded import MODEL_FILE, LoadedModel, file_sha256
 from engines.models.support import find_support
 from engines.runtime.batcher import BatchPolicy
 from engines.runtime.memory import MemoryBudget
-from engines.runtime.session import RuntimeOptions
+from engines.runtime.session import RuntimeOptions, choose_providers
 from schemas.explain import OutputOptions
 from schemas.heatmap import HeatmapFormat
 
@@ -49,6 +51,11 @@ FILE_SUFFIXES: dict[HeatmapFormat, str] = {
 """The formats a job writes, each as a file of its own: PNGs and NumPy arrays."""
 FLOAT_DTYPES = {"float32": "<f4", "float16": "<f2"}
 UNREADABLE = "unreadable_image"
+
+ONE_ROW_RUNS_ON = ("CPUExecutionProvider",)
+"""Where the batch policy, left to the provider, runs one image a run: on CPU a gradient run of
+several images cost more per image than as many runs of one (`python -m benchmarks.batch`), so
+the images in flight only overlap their decoding and rendering with each other's runs."""
 
 Progress = Callable[[int, int], None]
 """Called with (images done, images in the job) after each manifest line."""
@@ -75,7 +82,11 @@ class BatchSpec:
     batch_policy: BatchPolicy = field(
         default_factory=lambda: BatchPolicy(window_seconds=None, max_rows=0)
     )
-    """By provider unless set: small batches on CPU, larger ones gathered on a GPU."""
+    """By provider unless set (max_rows 0): one image a run on CPU, batches of the images in
+    flight gathered on a GPU."""
+    images_in_flight: int = 0
+    """Images explained at once, on as many threads; 0: by provider, as many as the service
+    batches (4 on CPU, 32 on a GPU)."""
     memory_budget_bytes: int | None = None
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     work_limits: WorkLimits = field(default_factory=WorkLimits)
@@ -130,14 +141,14 @@ class BatchWorker:
     def __init__(self, spec: BatchSpec) -> None:
         check_spec(spec)
         self.spec = spec
+        provider = choose_providers(spec.runtime.providers)[0]
+        by_provider = BatchPolicy(max_rows=0).for_provider(provider).max_rows
+        policy = spec.batch_policy
+        if policy.max_rows == 0 and provider in ONE_ROW_RUNS_ON:
+            policy = dataclasses.replace(policy, max_rows=1)
         budget = MemoryBudget(spec.memory_budget_bytes)
         self.model = LoadedModel(
-            spec.model_name,
-            spec.model_folder,
-            spec.runtime,
-            spec.cache_dir,
-            spec.batch_policy,
-            budget=budget,
+            spec.model_name, spec.model_folder, spec.runtime, spec.cache_dir, policy, budget=budget
         )
         support = next(s for s in find_support(self.model) if s.method == spec.method)
         if not support.supported:
@@ -145,9 +156,8 @@ class BatchWorker:
         self.explainer: Explainer = EXPLAINERS[spec.method]
         self.targets = None if spec.target is None else [self.model.resolve_target(spec.target)]
         self.maps_dir = spec.output_dir / MAPS_FOLDER
-        policy = self.model.batch_policy
-        self.images_in_flight = 1 if policy is None else policy.max_rows
-        """Threads explaining at once: as many images as one batched run takes."""
+        self.images_in_flight = spec.images_in_flight or by_provider
+        """Threads explaining images at once."""
 
     def explain(self, item: ImageItem) -> dict[str, Any]:
         """The manifest line of one image, after its files are written; an image that cannot
