@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.keys import check_api_keys, split_api_keys
 
 if TYPE_CHECKING:  # onnxruntime loads with engines.runtime.session: not for every CLI command
+    from engines.runtime.batcher import BatchPolicy
     from engines.runtime.session import RuntimeOptions
 
 
@@ -203,6 +204,15 @@ class Settings(BaseSettings):
         # on 2 cores a served Grad-CAM ran as fast with one onnxruntime thread as with two,
         # since the threads otherwise fight the request handling for the same cores.
         return self.intra_op_threads or max(1, (cores() - 1) // self.workers)
+
+    def batch_policy(self) -> "BatchPolicy":
+        """How runs of one model are batched, for the service and `onnx-explain batch` alike."""
+        from engines.runtime.batcher import BatchPolicy
+
+        window = None if self.batch_window_ms is None else self.batch_window_ms / 1000
+        return BatchPolicy(
+            window_seconds=window, max_rows=self.max_batch, max_queued=self.max_queue
+        )
 
     def runtime_options(self) -> "RuntimeOptions":
         """How sessions run, for the service and for `onnx-explain explain --local` alike."""
