@@ -39,6 +39,14 @@ class Settings(BaseSettings):
         description="Threads per onnxruntime session; 0 = the machine's cores but one, divided "
         "by the number of workers (at least 1), so threads x workers <= cores.",
     )
+    batch_intra_op_threads: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="Threads of the sessions that run long batch jobs (occlusion's copies), which "
+        "share the model's weights with the others; 0 = the machine's cores divided by the "
+        "number of workers, while short requests keep `intra_op_threads`.",
+    )
     inter_op_threads: int = Field(
         default=1,
         ge=0,
@@ -204,6 +212,12 @@ class Settings(BaseSettings):
         # since the threads otherwise fight the request handling for the same cores.
         return self.intra_op_threads or max(1, (cores() - 1) // self.workers)
 
+    @property
+    def batch_threads_per_session(self) -> int:
+        # Batch jobs are few at once (occlusion_jobs) and long: measured on 2 cores, occlusion
+        # ran 1.8x faster with two threads than with one (benchmarks/occlusion.py --threads).
+        return self.batch_intra_op_threads or max(1, cores() // self.workers)
+
     def runtime_options(self) -> "RuntimeOptions":
         """How sessions run, for the service and for `onnx-explain explain --local` alike."""
         from engines.runtime.session import RuntimeOptions
@@ -211,6 +225,7 @@ class Settings(BaseSettings):
         return RuntimeOptions(
             providers=self.providers,
             intra_op_threads=self.threads_per_session,
+            batch_intra_op_threads=self.batch_threads_per_session,
             inter_op_threads=self.inter_op_threads,
             spin_wait=self.spin_wait,
         )
