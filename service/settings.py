@@ -214,8 +214,10 @@ class Settings(BaseSettings):
 
     @property
     def batch_threads_per_session(self) -> int:
-        # Batch jobs are few at once (occlusion_jobs) and long: measured on 2 cores, occlusion
-        # ran 1.8x faster with two threads than with one (benchmarks/occlusion.py --threads).
+        # Batch jobs are few at once (occlusion_jobs) and long, so they may take every core
+        # the process has: on an idle 2-core machine occlusion ran 1.75x faster with two
+        # threads than with one (issue 17: 5.3 s against 9.3 s); with the cores shared by
+        # other work, two threads gained little (benchmarks/occlusion.py prints both).
         return self.batch_intra_op_threads or max(1, cores() // self.workers)
 
     def runtime_options(self) -> "RuntimeOptions":
