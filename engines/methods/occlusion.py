@@ -4,6 +4,12 @@ Patches slide over the model's input; windows stay inside the image, and when th
 not land on the last row or column an extra window is aligned with that edge, so every pixel is
 covered. Each pixel's value is the mean score drop over all windows covering it. Occluded copies
 are made with vectorised numpy a batch at a time; the batch size comes from the memory budget.
+
+Copies are scored incrementally where the graph has a cut that saves work (Krypton: the part
+before the cut runs on a crop around each patch, engines.graphs.incremental), inside the graph
+on CUDA (IO binding), else through the whole model; all of them on the batch-work sessions.
+Fast mode runs a coarse grid, interpolates the rest and drills down exactly where the estimated
+map is highest (the paper's adaptive drill-down).
 """
 
 import contextlib

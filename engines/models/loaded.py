@@ -296,8 +296,9 @@ class LoadedModel:
 
     def forward_batch(self, batch: np.ndarray) -> np.ndarray:
         """`forward` for long batch jobs: on a session with the batch threads when they differ
-        from the short requests' (the weights are shared), else on the forward session."""
-        if not self.options.batches_apart:
+        from the short requests' (the weights are shared), else on the forward session. On
+        CUDA threads do not matter and weights are not shared: it is the forward session."""
+        if not self.options.batches_apart or self.session.provider != "CPUExecutionProvider":
             return self.forward(batch)
         session = self.sessions.get(
             "forward-batch", None, lambda: self.graph, self.activation_bytes, batch_work=True
