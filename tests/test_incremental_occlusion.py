@@ -15,6 +15,7 @@ from engines.methods.pipeline import WorkLimits
 from engines.models.loaded import LoadedModel
 from engines.runtime.session import RuntimeOptions
 from schemas.params import OcclusionParams
+from service.settings import Settings, cores
 from tests.conftest import CPU
 from tests.images import encode
 from tests.tiny_models import write_model_folder
@@ -167,6 +168,13 @@ def test_batch_work_runs_on_its_own_session_with_its_threads(tmp_path: Path) -> 
     batch = preprocess([random_image(32, seed=s) for s in range(3)], model.config.input)
     np.testing.assert_allclose(model.forward_batch(batch), model.forward(batch), rtol=1e-6)
     assert model.sessions.resident("forward-batch", None)
+
+
+def test_the_batch_threads_setting_reaches_the_runtime_options() -> None:
+    assert Settings(batch_intra_op_threads=3).runtime_options().batch_intra_op_threads == 3
+    default = Settings(workers=1, intra_op_threads=1).runtime_options()
+    assert default.intra_op_threads == 1
+    assert default.for_batches().intra_op_threads == cores()
 
 
 def test_the_answer_counts_the_passes_over_http(tiny_client: TestClient) -> None:
