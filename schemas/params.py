@@ -77,6 +77,26 @@ class OcclusionParams(_Params):
     max_passes: int | None = Field(
         default=None, ge=1, description="Refuse the request above this many passes."
     )
+    mode: Literal["exact", "fast"] = Field(
+        default="exact",
+        description="`exact`: every window of the stride's grid. `fast`: a coarse pass with "
+        "`coarse_stride`, then the exact windows only where the coarse map is in its top "
+        "`fast_fraction`; elsewhere the map is the coarse one.",
+    )
+    coarse_stride: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Stride of `fast` mode's coarse pass, rounded up to a multiple of `stride` "
+        "(at least twice it; the default).",
+    )
+    fast_fraction: float = Field(
+        default=0.05,
+        ge=0.01,
+        le=1.0,
+        description="The share of the image, by the coarse map's rank, that `fast` mode "
+        "computes exactly.",
+    )
 
 
 MAX_PERTURBED_PASSES = 65_536

@@ -11,7 +11,6 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from engines.models.repository import ModelRepository
-from engines.runtime.batcher import BatchPolicy
 from engines.runtime.memory import MemoryBudget
 from service.auth import ApiKeyMiddleware
 from service.errors import install_error_handlers
@@ -42,13 +41,7 @@ def build_repository(settings: Settings) -> ModelRepository:
         settings.model_repository,
         settings.runtime_options(),
         cache_dir=settings.cache_dir,
-        batch_policy=BatchPolicy(
-            window_seconds=(
-                None if settings.batch_window_ms is None else settings.batch_window_ms / 1000
-            ),
-            max_rows=settings.max_batch,
-            max_queued=settings.max_queue,
-        ),
+        batch_policy=settings.batch_policy(),
         budget=MemoryBudget(settings.memory_budget_bytes or None, settings.max_graph_builds),
         warm=settings.warm_graphs,
     )

@@ -8,13 +8,13 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, get_args
 
-from schemas.explain import ExplainMethod
+from schemas.explain import MAX_METRIC_STEPS, ExplainMethod, MetricName
 from schemas.heatmap import ColormapName, ImageNormalization
 from service.settings import Settings
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import numpy as np
     from onnx_explain_client import ExplainResult, ExplanationResult
 
+    from engines.batch.job import BatchSpec
     from engines.models.loaded import LoadedModel
     from schemas.explain import ExplainRequest, ExplainResponse
 
@@ -148,15 +149,17 @@ class _ProgressBar:
     A progress listener (engines.runtime.progress): the label is the stage's, else `label`.
     """
 
-    def __init__(self, stream: TextIO, label: str) -> None:
+    def __init__(self, stream: TextIO, label: str, unit: str = "") -> None:
         self.stream = stream
         self.label = label
+        self.unit = unit
 
     def __call__(self, done: int, total: int, stage: str | None = None) -> None:
         filled = BAR_WIDTH * done // max(total, 1)
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
         end = "\n" if done >= total else ""
-        self.stream.write(f"\r{stage or self.label} [{bar}] {done}/{total}{end}")
+        unit = f" {self.unit}" if self.unit else ""
+        self.stream.write(f"\r{stage or self.label} [{bar}] {done}/{total}{unit}{end}")
         self.stream.flush()
 
 
@@ -456,6 +459,223 @@ def _add_explain_parser(commands: "argparse._SubParsersAction[argparse.ArgumentP
     explain.set_defaults(handler=_explain)
 
 
+# `batch`: every image of a folder, list or table, with the engines in-process or on Ray.
+
+BATCH_FORMATS = ("png", "png16", "colormap", "overlay", "array")
+
+
+def _model_folder(model: str, repository: Path) -> tuple[str, Path]:
+    """A model folder given as a path, or a model's name in the repository."""
+    from engines.models.loaded import MODEL_FILE
+    from engines.models.repository import MODEL_NAME_PATTERN
+
+    given = Path(model)
+    if (given / MODEL_FILE).is_file():
+        return given.resolve().name, given.resolve()
+    if MODEL_NAME_PATTERN.fullmatch(model) and (repository / model / MODEL_FILE).is_file():
+        return model, (repository / model).resolve()
+    raise _Failure(f"{model!r} is neither a model folder nor a model in {repository}")
+
+
+def _batch_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if args.params:
+        try:
+            params = json.loads(args.params)
+        except ValueError as exc:
+            raise _Failure(f"--params is not JSON: {exc}") from exc
+        if not isinstance(params, dict):
+            raise _Failure("--params must be a JSON object")
+    params.update(_parse_param(p) for p in args.param or [])
+    return params
+
+
+def _metric_kinds(text: str | None) -> "tuple[MetricName, ...]":
+    known = get_args(MetricName)
+    kinds = list(dict.fromkeys(k.strip() for k in (text or "").split(",") if k.strip()))
+    unknown = [k for k in kinds if k not in known]
+    if unknown:
+        raise _Failure(f"--metrics: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    return tuple(k for k in known if k in kinds)
+
+
+def _batch_spec(args: argparse.Namespace, settings: Settings) -> "BatchSpec":
+    from pydantic import ValidationError
+
+    from engines.batch.job import BatchSpec
+    from engines.methods.registry import EXPLAINERS
+    from schemas.explain import OutputOptions
+    from service.errors import describe_validation_error
+    from service.explaining import image_limits, work_limits
+
+    repository = Path(args.repository) if args.repository else settings.model_repository
+    name, folder = _model_folder(args.model, repository)  # absolute: Ray's workers read it
+    fields: dict[str, Any] = {"format": args.format or ["png"]}
+    for field in ("normalize", "colormap", "alpha", "size"):
+        if getattr(args, field) is not None:
+            fields[field] = getattr(args, field)
+    try:
+        output = OutputOptions.model_validate(fields)
+    except ValidationError as exc:
+        raise _Failure("output." + describe_validation_error(exc)) from exc
+    try:
+        params = EXPLAINERS[args.method].params_model.model_validate(_batch_params(args))
+    except ValidationError as exc:
+        raise _Failure("params." + describe_validation_error(exc)) from exc
+    source = Path(args.input).resolve()
+    default_output = source.with_name(f"{source.stem or source.name}-maps")
+    return BatchSpec(
+        model_name=name,
+        model_folder=folder,
+        method=args.method,
+        params=params,
+        output_dir=(Path(args.output) if args.output else default_output).resolve(),
+        output=output,
+        target=_parse_target(args.target) if args.target is not None else None,
+        metrics=_metric_kinds(args.metrics),
+        metric_steps=args.metric_steps,
+        runtime=settings.runtime_options(),
+        cache_dir=(settings.cache_dir / name).resolve(),
+        batch_policy=settings.batch_policy(),
+        images_in_flight=args.images_in_flight,
+        memory_budget_bytes=settings.memory_budget_bytes or None,
+        image_limits=image_limits(settings),
+        work_limits=work_limits(settings),
+    )
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from engines.batch.inputs import read_inputs
+    from engines.batch.job import run_job
+    from engines.errors import EngineError
+
+    settings = Settings()
+    try:
+        spec = _batch_spec(args, settings)
+        items = read_inputs(Path(args.input).resolve(), args.column, spec.output_dir)
+        bar = _ProgressBar(sys.stderr, args.method, "images") if _show_progress(args) else None
+        if args.ray:
+            from engines.batch.on_ray import RayOptions, run_on_ray
+
+            options = RayOptions(
+                address=args.ray,
+                actors=args.ray_actors,
+                cpus_per_actor=args.ray_cpus_per_actor,
+                gpus_per_actor=args.ray_gpus_per_actor,
+                images_per_call=args.ray_batch_size,
+            )
+            summary = run_on_ray(spec, items, options, bar)
+        else:
+            summary = run_job(spec, items, bar)
+    except _Failure as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.status
+    except EngineError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    rate = summary.explained / summary.seconds if summary.seconds > 0 else 0.0
+    print(
+        f"{summary.explained} explained, {summary.failed} failed, {summary.skipped} already "
+        f"done, of {summary.total} images in {summary.seconds:.1f} s ({rate:.1f} images/s)"
+    )
+    print(f"manifest: {spec.output_dir / 'manifest.jsonl'}")
+    return 0
+
+
+def _number(
+    kind: type[int] | type[float], low: float, high: float | None = None
+) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {bounds}")
+        return value
+
+    return parse
+
+
+def _add_batch_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    batch = commands.add_parser(
+        "batch",
+        help="a map for every image of a folder, list or CSV/Parquet table, in-process or on Ray",
+    )
+    batch.add_argument("model", help="a model folder, or a model's name in the repository")
+    batch.add_argument(
+        "input",
+        help="a folder of images, a text file of paths (one a line), or a .csv / .parquet file "
+        "with a column of paths",
+    )
+    batch.add_argument("--method", default="gradcam", choices=get_args(ExplainMethod))
+    batch.add_argument(
+        "--params", help="method parameters as a JSON object, e.g. '{\"window\": 32}'"
+    )
+    batch.add_argument(
+        "--param", action="append", metavar="KEY=VALUE", help="one method parameter (repeatable)"
+    )
+    batch.add_argument(
+        "--target", help="a class index or label for every image (default: each one's top class)"
+    )
+    batch.add_argument(
+        "--output", help="the folder for the maps and manifest.jsonl (default: INPUT-maps)"
+    )
+    batch.add_argument(
+        "--format",
+        action="append",
+        choices=BATCH_FORMATS,
+        help="a file per map and format (repeatable; `array` writes .npy; default: png)",
+    )
+    batch.add_argument("--size", choices=("input", "model"), help="map size (default: input)")
+    batch.add_argument("--colormap", choices=get_args(ColormapName))
+    batch.add_argument("--alpha", type=float, help="opacity of the map in an overlay")
+    batch.add_argument("--normalize", choices=("minmax", "percentile", "signed", "none"))
+    batch.add_argument(
+        "--column", default="image", help="the column of image paths in a CSV or Parquet input"
+    )
+    batch.add_argument(
+        "--metrics", help="faithfulness scores for each map: deletion, insertion or both (a,b)"
+    )
+    batch.add_argument(
+        "--metric-steps",
+        type=_number(int, 1, MAX_METRIC_STEPS),
+        default=32,
+        metavar="N",
+        help="points of each faithfulness curve, less one (default: 32)",
+    )
+    batch.add_argument(
+        "--repository",
+        help="where model names are looked up (default: ONNX_EXPLAIN_MODEL_REPOSITORY)",
+    )
+    batch.add_argument(
+        "--images-in-flight",
+        type=_number(int, 1, 1024),
+        default=0,
+        metavar="N",
+        help="images explained at once, on as many threads (default: 4 on CPU, 32 on a GPU)",
+    )
+    batch.add_argument(
+        "--progress", action="store_true", help="show progress on stderr even if not a terminal"
+    )
+    ray = batch.add_argument_group("Ray (pip install 'onnx-explain[ray]')")
+    ray.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run on Ray Data: a cluster's address (e.g. ray://head:10001, auto), or `local`",
+    )
+    ray.add_argument("--ray-actors", type=_number(int, 1), default=1, help="actors, one model each")
+    ray.add_argument("--ray-cpus-per-actor", type=_number(float, 0), default=1.0)
+    ray.add_argument("--ray-gpus-per-actor", type=_number(float, 0), default=0.0)
+    ray.add_argument(
+        "--ray-batch-size", type=_number(int, 1), default=8, help="images an actor gets per call"
+    )
+    batch.set_defaults(handler=_batch)
+
+
 def _summary(args: argparse.Namespace) -> int:
     from engines.errors import EngineError
     from engines.insight.views import summarize, summary_text
@@ -518,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=_models_list)
     _add_explain_parser(commands)
     _add_summary_parser(commands)
+    _add_batch_parser(commands)
     return parser
 
 

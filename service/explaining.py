@@ -121,6 +121,7 @@ def explain_response(
             "render": _milliseconds(computed, finished),
             "total": _milliseconds(started, finished),
         },
+        passes=explained.passes,
     )
 
 

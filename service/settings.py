@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.keys import check_api_keys, split_api_keys
 
 if TYPE_CHECKING:  # onnxruntime loads with engines.runtime.session: not for every CLI command
+    from engines.runtime.batcher import BatchPolicy
     from engines.runtime.session import RuntimeOptions
 
 
@@ -38,6 +39,14 @@ class Settings(BaseSettings):
         le=256,
         description="Threads per onnxruntime session; 0 = the machine's cores but one, divided "
         "by the number of workers (at least 1), so threads x workers <= cores.",
+    )
+    batch_intra_op_threads: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="Threads of the sessions that run long batch jobs (occlusion's copies), which "
+        "share the model's weights with the others; 0 = the machine's cores divided by the "
+        "number of workers, while short requests keep `intra_op_threads`.",
     )
     inter_op_threads: int = Field(
         default=1,
@@ -204,6 +213,23 @@ class Settings(BaseSettings):
         # since the threads otherwise fight the request handling for the same cores.
         return self.intra_op_threads or max(1, (cores() - 1) // self.workers)
 
+    def batch_policy(self) -> "BatchPolicy":
+        """How runs of one model are batched, for the service and `onnx-explain batch` alike."""
+        from engines.runtime.batcher import BatchPolicy
+
+        window = None if self.batch_window_ms is None else self.batch_window_ms / 1000
+        return BatchPolicy(
+            window_seconds=window, max_rows=self.max_batch, max_queued=self.max_queue
+        )
+
+    @property
+    def batch_threads_per_session(self) -> int:
+        # Batch jobs are few at once (occlusion_jobs) and long, so they may take every core
+        # the process has: on an idle 2-core machine occlusion ran 1.75x faster with two
+        # threads than with one (issue 17: 5.3 s against 9.3 s); with the cores shared by
+        # other work, two threads gained little (benchmarks/occlusion.py prints both).
+        return self.batch_intra_op_threads or max(1, cores() // self.workers)
+
     def runtime_options(self) -> "RuntimeOptions":
         """How sessions run, for the service and for `onnx-explain explain --local` alike."""
         from engines.runtime.session import RuntimeOptions
@@ -211,6 +237,7 @@ class Settings(BaseSettings):
         return RuntimeOptions(
             providers=self.providers,
             intra_op_threads=self.threads_per_session,
+            batch_intra_op_threads=self.batch_threads_per_session,
             inter_op_threads=self.inter_op_threads,
             spin_wait=self.spin_wait,
         )

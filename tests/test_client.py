@@ -156,7 +156,8 @@ def test_streamed_occlusion_reports_progress_and_scores(
         on_progress=lambda done, total, stage: seen.append((done, total, stage)),
     )
     stages = [stage for _, _, stage in seen]
-    assert stages == sorted(stages, key=["occlusion", "deletion", "insertion"].index)
+    order = ["occlusion", "deletion", "insertion"]
+    assert stages == sorted(stages, key=lambda stage: order.index(str(stage)))
     assert set(stages) == {"occlusion", "deletion", "insertion"}
     assert (49, 49, "occlusion") in seen
     (explanation,) = result.explanations

@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ROOMS = ("errors", "runtime", "graphs", "imaging", "models", "methods", "insight")
+ROOMS = ("errors", "runtime", "graphs", "imaging", "models", "methods", "insight", "batch")
 """In order: a module of a room may import its own room and the rooms before it."""
 WEB = ("fastapi", "starlette", "uvicorn", "httpx", "httpx2", "service", "onnx_explain_client")
 

@@ -67,7 +67,10 @@ def test_occlusion_streams_progress_every_few_percent_then_the_same_map(
     plain = client.post(URL, json=body(**OCCLUSION))
     assert plain.status_code == 200, plain.text
     streamed_map = array_of(last["result"]["explanations"][0])
-    np.testing.assert_array_equal(streamed_map, array_of(plain.json()["explanations"][0]))
+    # Streaming runs smaller batches: equal up to float rounding.
+    np.testing.assert_allclose(
+        streamed_map, array_of(plain.json()["explanations"][0]), rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,8 @@ def write_model_folder(
         region_mean_model(folder / "model.onnx", size=size)
     elif build == "weighted_region":
         weighted_region_model(folder / "model.onnx", size=size)
+    elif build == "strided_residual":
+        strided_residual_model(folder / "model.onnx", size=size)
     else:
         channel_mean_model(folder / "model.onnx", layout=layout, size=size)
     config = {
@@ -171,5 +173,65 @@ def weighted_region_model(path: Path, size: int = 64) -> None:
             numpy_helper.from_array(np.array([1], np.int64), "axis1"),
             numpy_helper.from_array(np.array([[1.0, -1.0]], np.float32), "head"),
         ],
+    )
+    _save(graph, path)
+
+
+def strided_residual_model(path: Path, size: int = 32) -> None:
+    """A small CNN with what incremental occlusion must follow exactly (random weights).
+
+    Conv 3x3 stride 2 with TF "same" pads (0 before, 1 after) -> Relu -> Conv 1x1 -> Clip ->
+    depthwise Conv 3x3 -> Add (residual) -> Relu -> Pad (1 before) -> MaxPool 3x3 stride 2 ->
+    Mul by a per-channel scale -> Conv 3x3 (auto_pad SAME_UPPER) -> Relu -> GlobalAveragePool
+    -> Flatten -> Gemm to 3 logits.
+    """
+    rng = np.random.default_rng(7)
+
+    def weight(*shape: int) -> np.ndarray:
+        return rng.normal(scale=0.5, size=shape).astype(np.float32)
+
+    initializers = {
+        "stem_w": weight(4, 3, 3, 3),
+        "stem_b": weight(4),
+        "expand_w": weight(8, 4, 1, 1),
+        "expand_b": weight(8),
+        "low": np.array(0.0, np.float32),
+        "high": np.array(6.0, np.float32),
+        "depthwise_w": weight(8, 1, 3, 3),
+        "pads": np.array([0, 0, 1, 1, 0, 0, 0, 0], np.int64),
+        "scale": weight(1, 8, 1, 1),
+        "head_w": weight(8, 8, 3, 3),
+        "fc_w": weight(3, 8),
+        "fc_b": weight(3),
+    }
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", "stem_w", "stem_b"], ["stem"], strides=[2, 2], pads=[0, 0, 1, 1]
+        ),
+        helper.make_node("Relu", ["stem"], ["stem_relu"]),
+        helper.make_node("Conv", ["stem_relu", "expand_w", "expand_b"], ["expand"]),
+        helper.make_node("Clip", ["expand", "low", "high"], ["expand_clip"]),
+        helper.make_node(
+            "Conv", ["expand_clip", "depthwise_w"], ["depthwise"], group=8, pads=[1, 1, 1, 1]
+        ),
+        helper.make_node("Add", ["depthwise", "expand_clip"], ["residual"]),
+        # Non-negative before the Pad: onnxruntime fuses Pad into MaxPool, whose own padding
+        # is -inf, which equals zeros only there.
+        helper.make_node("Relu", ["residual"], ["residual_relu"]),
+        helper.make_node("Pad", ["residual_relu", "pads"], ["padded"]),
+        helper.make_node("MaxPool", ["padded"], ["pooled"], kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Mul", ["pooled", "scale"], ["scaled"]),
+        helper.make_node("Conv", ["scaled", "head_w"], ["head"], auto_pad="SAME_UPPER"),
+        helper.make_node("Relu", ["head"], ["head_relu"]),
+        helper.make_node("GlobalAveragePool", ["head_relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "strided_residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in initializers.items()],
     )
     _save(graph, path)

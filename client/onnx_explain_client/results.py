@@ -165,3 +165,8 @@ class ExplainResult:
     @property
     def timings_ms(self) -> dict[str, float]:
         return self.response.timings_ms
+
+    @property
+    def passes(self) -> int | None:
+        """Occluded copies the model ran (occlusion only)."""
+        return self.response.passes

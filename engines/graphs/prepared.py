@@ -231,7 +231,7 @@ def write_atomically(model: onnx.ModelProto, path: Path) -> None:
             continue
         location = f"{TENSORS_FOLDER}/{hashlib.sha256(data).hexdigest()}.bin"
         if not (path.parent / location).is_file():
-            _write_file_atomically(store, path.parent / location, data)
+            write_file_atomically(store, path.parent / location, data)
         for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
             tensor.ClearField(field)
         del tensor.external_data[:]
@@ -239,10 +239,10 @@ def write_atomically(model: onnx.ModelProto, path: Path) -> None:
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         tensor.data_location = TensorProto.EXTERNAL
-    _write_file_atomically(path.parent, path, model.SerializeToString())
+    write_file_atomically(path.parent, path, model.SerializeToString())
 
 
-def _write_file_atomically(folder: Path, path: Path, data: bytes) -> None:
+def write_file_atomically(folder: Path, path: Path, data: bytes) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:

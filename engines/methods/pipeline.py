@@ -39,6 +39,8 @@ class Explained:
     probabilities: np.ndarray
     """The model's class probabilities for the clean image, (classes,)."""
     maps: list[TargetMap]
+    passes: int | None = None
+    """The occluded or perturbed copies the method ran, for the methods that count them."""
 
 
 class Explainer(ABC):

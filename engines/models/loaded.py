@@ -3,6 +3,7 @@
 import hashlib
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import onnx
 from pydantic import ValidationError
 
 from engines.errors import EngineError, InferenceFailed, InvalidModel, InvalidParameters
+from engines.graphs.incremental import CutPlan, plan_cut, split_model
 from engines.graphs.normalize import BatchMode, Normalized, fixed_batch_of_one, normalize
 from engines.graphs.prepared import GradientGraphs
 from engines.graphs.shapes import with_shapes
@@ -26,6 +28,8 @@ from schemas.model_config import ModelConfig, channel_axis
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
+MAX_PLANS = 16
+"""Incremental occlusion plans kept per model (one per window size and grid)."""
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +192,8 @@ class LoadedModel:
         """What the loaded model holds before any prepared graph: weights, the forward session
         and its arena (kept: batched forward runs are occlusion's throughput)."""
         self.sessions = ModelSessions(name, options, self.budget, self.weights)
+        self._plans: dict[tuple[int, tuple[int, ...], tuple[int, ...]], CutPlan | None] = {}
+        self._plans_lock = threading.Lock()
         if self.input_name not in self.session.input_names:
             raise InvalidModel(f"config names input {self.input_name!r}, the model has none")
         if self.output_name not in self.session.output_names:
@@ -288,6 +294,47 @@ class LoadedModel:
         output = self._run(self.session, batch, self.output_name)
         return output.reshape(output.shape[0], -1)
 
+    def forward_batch(self, batch: np.ndarray) -> np.ndarray:
+        """`forward` for long batch jobs: on a session with the batch threads when they differ
+        from the short requests' (the weights are shared), else on the forward session. On
+        CUDA threads do not matter and weights are not shared: it is the forward session."""
+        if not self.options.batches_apart or self.session.provider != "CPUExecutionProvider":
+            return self.forward(batch)
+        session = self.sessions.get(
+            "forward-batch", None, lambda: self.graph, self.activation_bytes, batch_work=True
+        )
+        output = self._run(session, batch, self.output_name)
+        return output.reshape(output.shape[0], -1)
+
+    def incremental_plan(self, window: int, tops: np.ndarray, lefts: np.ndarray) -> CutPlan | None:
+        """Where occlusion with these windows can cut the graph (None: it runs whole)."""
+        if self.one_row_per_run or self.config.input.layout != "NCHW":
+            return None
+        key = (window, tuple(tops.tolist()), tuple(lefts.tolist()))
+        with self._plans_lock:
+            if key in self._plans:
+                return self._plans[key]
+        plan = plan_cut(self.graph.graph, self.input_name, window, (tops, lefts))
+        with self._plans_lock:
+            self._plans[key] = plan
+            while len(self._plans) > MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+        return plan
+
+    def incremental_sessions(self, plan: CutPlan) -> tuple[ModelSession, ModelSession]:
+        """The sessions of the graph's part before `plan.cut` (on crops) and after it."""
+
+        def part(index: int) -> Callable[[], onnx.ModelProto]:
+            return lambda: split_model(self.graph, plan, [self.output_name])[index]
+
+        prefix = self.sessions.get(
+            "occlusion-prefix", plan.cut, part(0), self.activation_bytes, batch_work=True
+        )
+        suffix = self.sessions.get(
+            "occlusion-suffix", plan.cut, part(1), self.activation_bytes, batch_work=True
+        )
+        return prefix, suffix
+
     def _run(self, session: ModelSession, batch: np.ndarray, output: str) -> np.ndarray:
         """One output of `session` for a batch; a model whose batch stays 1 runs it by rows."""
         if self.one_row_per_run and batch.shape[0] > 1:
@@ -317,7 +364,7 @@ class LoadedModel:
                 (2, 3) if layer is None else self.layer(layer).spatial_axes,
             )
 
-        return self.sessions.get("occlusion", layer, make, self.activation_bytes)
+        return self.sessions.get("occlusion", layer, make, self.activation_bytes, batch_work=True)
 
     def layer_activations(self, batch: np.ndarray, layer: str) -> np.ndarray:
         """A layer's activations for a preprocessed batch (a session exposing that layer)."""

@@ -2,6 +2,7 @@
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,21 @@ class RuntimeOptions:
     spin_wait: bool = True
     """onnxruntime's pool threads spin between parallel sections; off, they sleep, leaving the
     cores to the rest of the process (decoding, rendering, HTTP) at some cost in latency."""
+    batch_intra_op_threads: int = 0
+    """Threads of the sessions that run long batch jobs (occlusion's copies); 0: as many as
+    `intra_op_threads`, so batch work runs on the same sessions as short requests."""
+
+    def for_batches(self) -> "RuntimeOptions":
+        """The options of batch work's sessions."""
+        threads = self.batch_intra_op_threads or self.intra_op_threads
+        return dataclasses.replace(self, intra_op_threads=threads, batch_intra_op_threads=0)
+
+    @property
+    def batches_apart(self) -> bool:
+        """Batch work runs on sessions of its own (it has other threads)."""
+        return bool(self.batch_intra_op_threads) and (
+            self.batch_intra_op_threads != self.intra_op_threads
+        )
 
 
 @functools.cache

@@ -229,13 +229,15 @@ class ModelSessions:
         make: Callable[[], GraphSource],
         activation_bytes: int,
         seeds: Collection[str] = (),
+        batch_work: bool = False,
     ) -> ModelSession:
         """The session of `(kind, key)`, built from `make()` if it is not resident.
 
         `activation_bytes`: what one image's run holds (estimated), reserved from the budget
         while a run holds it. Prepared sessions run without onnxruntime's arena, so between
         runs they hold little beyond their graph: many fit where each would otherwise keep its
-        largest run's activations (EfficientNet-Lite0: 20-50 MiB a graph)."""
+        largest run's activations (EfficientNet-Lite0: 20-50 MiB a graph). `batch_work`: the
+        session runs long batch jobs, with the options' batch threads."""
         slot = (kind, key)
         with self._lock:
             found = self._sessions.get(slot)
@@ -252,8 +254,9 @@ class ModelSessions:
             with self.budget.build_slot(kind):
                 source = make()
                 work = RunMemory(self.budget, activation_bytes)
+                options = self.options.for_batches() if batch_work else self.options
                 built = build_session(
-                    source, self.options, self.weights, arena=False, work=work, seeds=seeds
+                    source, options, self.weights, arena=False, work=work, seeds=seeds
                 )
             entry = self.budget.admit(
                 kind, self.owner, built.cost_bytes, lambda: self._forget(slot)
