@@ -30,12 +30,17 @@ ExplainMethod = Literal[
     "xgradcam",
     "layercam",
     "hirescam",
+    "scorecam",
+    "ablationcam",
+    "eigencam",
+    "eigengradcam",
     "guided_gradcam",
     "saliency",
     "guided_backprop",
     "smoothgrad",
     "integrated_gradients",
     "gradient_x_input",
+    "gradientshap",
     "cam",
 ]
 

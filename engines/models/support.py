@@ -24,12 +24,17 @@ METHOD_NEEDS: dict[str, tuple[Capability, ...]] = {
     "xgradcam": CAM,
     "layercam": CAM,
     "hirescam": CAM,
+    "scorecam": ("layer",),
+    "ablationcam": ("layer",),
+    "eigencam": ("layer",),
+    "eigengradcam": CAM,
     "guided_gradcam": (*CAM, "guided"),
     "saliency": INPUT,
     "guided_backprop": (*INPUT, "guided"),
     "smoothgrad": INPUT,
     "integrated_gradients": INPUT,
     "gradient_x_input": INPUT,
+    "gradientshap": INPUT,
     "cam": ("cam_head",),
 }
 
