@@ -41,6 +41,7 @@ ExplainMethod = Literal[
     "integrated_gradients",
     "gradient_x_input",
     "gradientshap",
+    "deeplift",
     "cam",
 ]
 

@@ -14,6 +14,7 @@ from engines.methods.forward_cam import AblationCam, ScoreCam
 from engines.methods.occlusion import Occlusion
 from engines.methods.pipeline import Explainer
 from engines.methods.saliency import (
+    DeepLift,
     GradientShap,
     GradientTimesInput,
     GuidedBackprop,
@@ -40,6 +41,7 @@ EXPLAINERS: dict[str, Explainer] = {
     "integrated_gradients": IntegratedGradients(),
     "gradient_x_input": GradientTimesInput(),
     "gradientshap": GradientShap(),
+    "deeplift": DeepLift(),
     "occlusion": Occlusion(),
     "cam": ClassicCam(),
 }

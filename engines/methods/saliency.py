@@ -23,6 +23,7 @@ from engines.methods.pipeline import (
 from engines.models.loaded import LoadedModel
 from engines.runtime import progress
 from schemas.params import (
+    DeepLiftParams,
     GradientShapParams,
     GradientTimesInputParams,
     GuidedGradCamParams,
@@ -170,6 +171,34 @@ class IntegratedGradients(InputGradientExplainer):
         difference = channels_first(tensor - baseline, model.channel_axis)[0]
         grads = [mean_input_gradient(model, rows, t) * difference for t in chosen]
         return probabilities, chosen, grads
+
+
+class DeepLift(InputGradientExplainer):
+    """Captum's DeepLift (rescale rule): (x - baseline) times the gradient graph's multipliers,
+    which rescale every nonlinearity by its output change over its input change."""
+
+    params_model = DeepLiftParams
+
+    def attribute(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: Any,
+    ) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+        baseline = baseline_tensor(model, tensor, params.baseline).astype(np.float32)
+        key = GraphKey(
+            layer=None, wrt_input=True, guided=False, top_k_seeds=targets is None, deeplift=True
+        )
+        seeds = None if targets is None else seeds_for(targets, model.num_classes)
+        result = model.gradients.run(
+            key, model.input_name, tensor, seeds=seeds, top_k=top_k, reference=baseline
+        )
+        assert result.grad_input is not None
+        products = channels_first(result.grad_input * (tensor - baseline), model.channel_axis)
+        probabilities = model.to_probabilities(result.outputs)[0]
+        return probabilities, result.targets.tolist(), list(products)
 
 
 class GradientShap(InputGradientExplainer):

@@ -35,6 +35,7 @@ METHOD_NEEDS: dict[str, tuple[Capability, ...]] = {
     "integrated_gradients": INPUT,
     "gradient_x_input": INPUT,
     "gradientshap": INPUT,
+    "deeplift": INPUT,
     "cam": ("cam_head",),
 }
 
