@@ -295,6 +295,11 @@ def test_first_component_is_the_rank_one_pattern_with_its_larger_side_positive()
     centred = (pattern - pattern.mean()) * np.linalg.norm(channels)
     np.testing.assert_allclose(projection, centred, atol=1e-9)
     np.testing.assert_allclose(first_component(-features), centred, atol=1e-9)
+    # More channels than positions: the other Gram matrix, the same answer.
+    many = np.array([1.0, -2.0, 0.5, 3.0, 0.0, -1.0])
+    wide = many[:, None, None] * pattern
+    expected = (pattern - pattern.mean()) * np.linalg.norm(many)
+    np.testing.assert_allclose(first_component(wide), expected, atol=1e-9)
 
 
 def test_interpolation_matrix_aligns_corners() -> None:

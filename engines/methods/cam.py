@@ -137,8 +137,15 @@ def first_component(features: np.ndarray) -> np.ndarray:
     channels = features.shape[0]
     positions = features.reshape(channels, -1).T.astype(np.float64)
     positions = positions - positions.mean(axis=0)
-    _, _, right = np.linalg.svd(positions, full_matrices=False)
-    projection: np.ndarray = (positions @ right[0]).reshape(features.shape[1:])
+    # The top eigenvector of the smaller Gram matrix gives the SVD's first component: P v is
+    # s u, with u the top eigenvector of P P^T and v that of P^T P (a 49x49 or CxC problem).
+    if positions.shape[0] <= channels:
+        values, vectors = np.linalg.eigh(positions @ positions.T)
+        flat = vectors[:, -1] * np.sqrt(max(float(values[-1]), 0.0))
+    else:
+        _, vectors = np.linalg.eigh(positions.T @ positions)
+        flat = positions @ vectors[:, -1]
+    projection: np.ndarray = flat.reshape(features.shape[1:])
     if abs(projection.min()) > abs(projection.max()):
         projection = -projection
     return projection

@@ -145,15 +145,16 @@ class ScoreCam(ForwardCam):
         context: list[np.ndarray],
         channels: np.ndarray,
     ) -> np.ndarray:
-        features = channels_first(context[0], layer.channel_axis)[0]
+        features = channels_first(context[0], layer.channel_axis)[0].astype(np.float32)
         height, width = spatial_size(model)
-        rows = interpolation_matrix(height, features.shape[1])
-        columns = interpolation_matrix(width, features.shape[2])
-        upsampled = rows @ features[channels] @ columns.T  # (B, H, W)
-        flat = upsampled.reshape(channels.size, -1)
+        rows = interpolation_matrix(height, features.shape[1]).astype(np.float32)
+        columns = interpolation_matrix(width, features.shape[2]).astype(np.float32)
+        masks = rows @ features[channels] @ columns.T  # (B, H, W)
+        flat = masks.reshape(channels.size, -1)
         low = flat.min(axis=1)[:, None, None]
-        high = flat.max(axis=1)[:, None, None]
-        masks = ((upsampled - low) / (high - low + NORMALISE_EPSILON)).astype(np.float32)
+        span = flat.max(axis=1)[:, None, None] - low + NORMALISE_EPSILON
+        masks -= low
+        masks /= span
         copies = tensor * np.expand_dims(masks, model.channel_axis)
         return model.forward(copies)
 
