@@ -2,6 +2,7 @@
 Eigen-Grad-CAM, DeepLift and GradientSHAP.
 
     python -m benchmarks.cams [--threads N] [--repeats N] [--scorecam-layer L] [--peers PYTHON]
+        [--spin] [--methods M ...]
 
 Per method: its passes, its time, and the time of the same passes as plain batched runs of the
 same sessions at the same batch sizes (forward runs, the part after the layer, or gradient runs);
@@ -112,11 +113,17 @@ def main() -> None:
         "--scorecam-layer", default=HEAD, help="Score-CAM's layer (one pass per channel)"
     )
     parser.add_argument("--peers", default="", help="a python with torch and grad-cam")
+    parser.add_argument(
+        "--spin", action="store_true", help="let onnxruntime's threads spin (the service: off)"
+    )
+    parser.add_argument("--methods", nargs="*", default=None, help="a subset of the methods")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = default_model_folder(Path(scratch) / "models")
-        options = RuntimeOptions(providers="cpu", intra_op_threads=args.threads)
+        options = RuntimeOptions(
+            providers="cpu", intra_op_threads=args.threads, spin_wait=args.spin
+        )
         model = LoadedModel("efficientnet-lite0", folder, options)
         import skimage.data
 
@@ -160,6 +167,8 @@ def main() -> None:
         print(f"{'method':14} {'passes':36} {'ours s':>9} {'plain s':>9} {'ratio':>7}")
         ours_seconds = {}
         for method, (passes, params, plain) in cases.items():
+            if args.methods is not None and method not in args.methods:
+                continue
             parsed = EXPLAINERS[method].params_model.model_validate(params)
 
             def ours(method: str = method, parsed: object = parsed) -> None:
@@ -175,6 +184,8 @@ def main() -> None:
         if args.peers:
             peers = peer_seconds(args.peers, tensor, args.scorecam_layer, args.threads)
             for method in ("scorecam", "ablationcam"):
+                if method not in ours_seconds:
+                    continue
                 print(
                     f"pytorch-grad-cam {method:12} {peers[method]:9.3f} s; ours "
                     f"{ours_seconds[method]:.3f} s: {peers[method] / ours_seconds[method]:.1f}x "

@@ -21,6 +21,7 @@ from engines.methods.pipeline import (
     targets_or_top,
 )
 from engines.models.loaded import LoadedModel
+from engines.runtime.blas import single_threaded_blas
 from schemas.params import CamParams
 
 EPSILON = 1e-7
@@ -139,12 +140,13 @@ def first_component(features: np.ndarray) -> np.ndarray:
     positions = positions - positions.mean(axis=0)
     # The top eigenvector of the smaller Gram matrix gives the SVD's first component: P v is
     # s u, with u the top eigenvector of P P^T and v that of P^T P (a 49x49 or CxC problem).
-    if positions.shape[0] <= channels:
-        values, vectors = np.linalg.eigh(positions @ positions.T)
-        flat = vectors[:, -1] * np.sqrt(max(float(values[-1]), 0.0))
-    else:
-        _, vectors = np.linalg.eigh(positions.T @ positions)
-        flat = positions @ vectors[:, -1]
+    with single_threaded_blas():
+        if positions.shape[0] <= channels:
+            values, vectors = np.linalg.eigh(positions @ positions.T)
+            flat = vectors[:, -1] * np.sqrt(max(float(values[-1]), 0.0))
+        else:
+            _, vectors = np.linalg.eigh(positions.T @ positions)
+            flat = positions @ vectors[:, -1]
     projection: np.ndarray = flat.reshape(features.shape[1:])
     if abs(projection.min()) > abs(projection.max()):
         projection = -projection

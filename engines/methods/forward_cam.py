@@ -27,6 +27,7 @@ from engines.methods.pipeline import (
 from engines.models.layers import LayerInfo
 from engines.models.loaded import LoadedModel, softmax
 from engines.runtime import progress
+from engines.runtime.blas import single_threaded_blas
 from schemas.params import ForwardCamParams
 
 NORMALISE_EPSILON = 1e-8
@@ -149,7 +150,8 @@ class ScoreCam(ForwardCam):
         height, width = spatial_size(model)
         rows = interpolation_matrix(height, features.shape[1]).astype(np.float32)
         columns = interpolation_matrix(width, features.shape[2]).astype(np.float32)
-        masks = rows @ features[channels] @ columns.T  # (B, H, W)
+        with single_threaded_blas():
+            masks = rows @ features[channels] @ columns.T  # (B, H, W)
         flat = masks.reshape(channels.size, -1)
         low = flat.min(axis=1)[:, None, None]
         span = flat.max(axis=1)[:, None, None] - low + NORMALISE_EPSILON
