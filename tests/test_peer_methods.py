@@ -406,3 +406,22 @@ def test_deeplift_is_complete_on_the_default_model(default_model_dir: Path) -> N
         change = model.forward(tensor)[0] - model.forward(reference)[0]
         for found in result.maps:
             assert found.heatmap.sum() == pytest.approx(change[found.target], rel=1e-3)
+
+
+def test_too_many_channels_for_max_passes_is_a_clear_4xx(client: TestClient) -> None:
+    body = {
+        "image": base64.b64encode(encode(photo("chelsea"), ".png")).decode(),
+        "method": "scorecam",
+        "params": {"max_passes": 100},
+    }
+    response = client.post(f"/v1/models/{MODEL}/explain", json=body)
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    assert "1280 channels" in error["message"], error
+
+
+def test_the_new_methods_are_in_the_support_table(client: TestClient) -> None:
+    table = client.get(f"/v1/models/{MODEL}").json()["methods"]
+    supported = {entry["method"]: entry["supported"] for entry in table}
+    new = ("scorecam", "ablationcam", "eigencam", "eigengradcam", "deeplift", "gradientshap")
+    assert all(supported[m] for m in new), supported
