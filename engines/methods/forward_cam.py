@@ -9,6 +9,7 @@ memory budget, `max_passes`, the deadline of every run, and progress after each 
 Neither needs gradients, so they explain models whose graphs cannot be differentiated.
 """
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -31,6 +32,9 @@ from engines.runtime.blas import single_threaded_blas
 from schemas.params import ForwardCamParams
 
 NORMALISE_EPSILON = 1e-8
+
+ChannelScorer = Callable[[np.ndarray], np.ndarray]
+"""Channel indices (B,) -> the raw outputs (B, classes) of their passes."""
 
 
 def interpolation_matrix(size_out: int, size_in: int) -> np.ndarray:
@@ -75,11 +79,11 @@ class ForwardCam(Explainer):
             chosen = targets_or_top(model, probabilities, targets, top_k)
             clean = outputs.reshape(-1)[chosen].astype(np.float64)
             batch = self.batch(model, tensor, layer, activation, limits)
+            score = self.scorer(model, tensor, layer, context, batch)
             scores = np.empty((passes, len(chosen)), dtype=np.float64)
             for start in range(0, passes, batch):
                 channels = np.arange(start, min(start + batch, passes))
-                rows = self.channel_scores(model, tensor, layer, context, channels)
-                scores[channels] = rows[:, chosen]
+                scores[channels] = score(channels)[:, chosen]
                 progress.report(int(channels[-1]) + 1, passes)
         features = channels_first(activation, layer.channel_axis)[0].astype(np.float64)
         weights = self.channel_weights(scores, clean)  # (targets, channels)
@@ -110,15 +114,15 @@ class ForwardCam(Explainer):
     ) -> int:
         raise NotImplementedError
 
-    def channel_scores(
+    def scorer(
         self,
         model: LoadedModel,
         tensor: np.ndarray,
         layer: LayerInfo,
         context: list[np.ndarray],
-        channels: np.ndarray,
-    ) -> np.ndarray:
-        """The raw outputs (B, classes) of the passes for `channels`."""
+        batch: int,
+    ) -> ChannelScorer:
+        """Scores the passes of at most `batch` channels at a time, in buffers made once."""
         raise NotImplementedError
 
     def channel_weights(self, scores: np.ndarray, clean: np.ndarray) -> np.ndarray:
@@ -138,27 +142,33 @@ class ScoreCam(ForwardCam):
         most = batch_size(tensor[0].nbytes, limits.memory_budget_bytes)
         return model.rows_per_run(most, model.activation_bytes)
 
-    def channel_scores(
+    def scorer(
         self,
         model: LoadedModel,
         tensor: np.ndarray,
         layer: LayerInfo,
         context: list[np.ndarray],
-        channels: np.ndarray,
-    ) -> np.ndarray:
+        batch: int,
+    ) -> ChannelScorer:
         features = channels_first(context[0], layer.channel_axis)[0].astype(np.float32)
         height, width = spatial_size(model)
         rows = interpolation_matrix(height, features.shape[1]).astype(np.float32)
         columns = interpolation_matrix(width, features.shape[2]).astype(np.float32)
-        with single_threaded_blas():
-            masks = rows @ features[channels] @ columns.T  # (B, H, W)
-        flat = masks.reshape(channels.size, -1)
-        low = flat.min(axis=1)[:, None, None]
-        span = flat.max(axis=1)[:, None, None] - low + NORMALISE_EPSILON
-        masks -= low
-        masks /= span
-        copies = tensor * np.expand_dims(masks, model.channel_axis)
-        return model.forward(copies)
+        copies = np.empty((batch, *tensor.shape[1:]), dtype=np.float32)
+
+        def score(channels: np.ndarray) -> np.ndarray:
+            with single_threaded_blas():
+                masks = rows @ features[channels] @ columns.T  # (B, H, W)
+            flat = masks.reshape(channels.size, -1)
+            low = flat.min(axis=1)[:, None, None]
+            span = flat.max(axis=1)[:, None, None] - low + NORMALISE_EPSILON
+            masks -= low
+            masks /= span
+            chunk = copies[: channels.size]
+            np.multiply(tensor, np.expand_dims(masks, model.channel_axis), out=chunk)
+            return model.forward(chunk)
+
+        return score
 
     def channel_weights(self, scores: np.ndarray, clean: np.ndarray) -> np.ndarray:
         return softmax(scores.T)
@@ -180,18 +190,31 @@ class AblationCam(ForwardCam):
         most = batch_size(activation[0].nbytes, limits.memory_budget_bytes)
         return model.rows_per_run(most, model.suffix(layer.name).activation_bytes)
 
-    def channel_scores(
+    def scorer(
         self,
         model: LoadedModel,
         tensor: np.ndarray,
         layer: LayerInfo,
         context: list[np.ndarray],
-        channels: np.ndarray,
-    ) -> np.ndarray:
+        batch: int,
+    ) -> ChannelScorer:
         activation, boundary = context[0], context[2:]
-        rows = np.repeat(activation, channels.size, axis=0)
-        np.moveaxis(rows, layer.channel_axis, 1)[np.arange(channels.size), channels] = 0.0
-        return model.run_suffix(layer.name, rows, boundary)
+        copies = np.repeat(activation, batch, axis=0)
+        # Channels first, as views: each pass restores the channels the last one zeroed.
+        clean = np.moveaxis(activation, layer.channel_axis, 1)[0]
+        view = np.moveaxis(copies, layer.channel_axis, 1)
+        zeroed = np.empty(0, dtype=np.int64)
+
+        def score(channels: np.ndarray) -> np.ndarray:
+            nonlocal zeroed
+            rows = np.arange(zeroed.size)
+            view[rows, zeroed] = clean[zeroed]
+            rows = np.arange(channels.size)
+            view[rows, channels] = 0.0
+            zeroed = channels
+            return model.run_suffix(layer.name, copies[: channels.size], boundary)
+
+        return score
 
     def channel_weights(self, scores: np.ndarray, clean: np.ndarray) -> np.ndarray:
         drops: np.ndarray = (clean - scores) / clean
