@@ -425,3 +425,37 @@ def test_the_new_methods_are_in_the_support_table(client: TestClient) -> None:
     supported = {entry["method"]: entry["supported"] for entry in table}
     new = ("scorecam", "ablationcam", "eigencam", "eigengradcam", "deeplift", "gradientshap")
     assert all(supported[m] for m in new), supported
+
+
+def test_ablation_feeds_a_skip_connection_its_clean_value(tmp_path: Path) -> None:
+    # logits = W . mean(Relu(x) + x) + b: after `features`, the part also reads the input.
+    nodes = [
+        helper.make_node("Relu", ["input"], ["features"]),
+        helper.make_node("Add", ["features", "input"], ["skip"]),
+        helper.make_node("GlobalAveragePool", ["skip"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+        [
+            numpy_helper.from_array(WEIGHTS.astype(np.float32), "w"),
+            numpy_helper.from_array(BIAS.astype(np.float32), "b"),
+        ],
+    )
+    folder = write_model_folder(tmp_path / "residual", size=8)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, folder / "model.onnx")
+    loaded = LoadedModel("residual", folder, CPU)
+    image = np.random.default_rng(4).uniform(-1.0, 3.0, size=(3, 8, 8))
+    params = ForwardCamParams(layer="features")
+    (found,) = AblationCam().explain(loaded, tensor_of(image), [1], 1, params).maps
+    relu = np.maximum(image, 0)
+    means = relu.reshape(3, -1).mean(axis=1)
+    clean = WEIGHTS[1] @ (means + image.reshape(3, -1).mean(axis=1)) + BIAS[1]
+    weights = WEIGHTS[1] * means / clean
+    expected = np.maximum(np.tensordot(weights, relu, axes=1), 0)
+    np.testing.assert_allclose(found.heatmap, expected, rtol=1e-5, atol=1e-6)
