@@ -87,7 +87,8 @@ class ForwardCam(Explainer):
                 progress.report(int(channels[-1]) + 1, passes)
         features = channels_first(activation, layer.channel_axis)[0].astype(np.float64)
         weights = self.channel_weights(scores, clean)  # (targets, channels)
-        cams = np.tensordot(weights, features, axes=1)
+        with single_threaded_blas():
+            cams = np.tensordot(weights, features, axes=1)
         maps = [
             TargetMap(t, rectified_map(model, cam)) for t, cam in zip(chosen, cams, strict=True)
         ]
