@@ -5,6 +5,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Reduction = Literal["abs_max", "max", "sum", "abs_sum"]
+Baseline = Literal["black", "white", "grey", "zeros", "blur"]
+BASELINE_DESCRIPTION = (
+    "Pixel-space baseline (black, white, mid-grey or a blurred copy), or a zero input tensor."
+)
 
 
 class _Params(BaseModel):
@@ -38,11 +42,7 @@ class SmoothGradParams(SaliencyParams):
 class IntegratedGradientsParams(_Params):
     reduction: Reduction = "sum"
     steps: int = Field(default=32, ge=2, le=512)
-    baseline: Literal["black", "white", "grey", "zeros", "blur"] = Field(
-        default="black",
-        description="Pixel-space baseline (black, white, mid-grey or a blurred copy), or a "
-        "zero input tensor.",
-    )
+    baseline: Baseline = Field(default="black", description=BASELINE_DESCRIPTION)
 
 
 class GradientTimesInputParams(_Params):
@@ -51,6 +51,30 @@ class GradientTimesInputParams(_Params):
 
 class GuidedGradCamParams(CamParams):
     pass
+
+
+class ForwardCamParams(CamParams):
+    """Score-CAM and Ablation-CAM: one forward pass per channel of the layer."""
+
+    max_passes: int | None = Field(
+        default=None, ge=1, description="Refuse the request above this many passes."
+    )
+
+
+class DeepLiftParams(_Params):
+    reduction: Reduction = "sum"
+    baseline: Baseline = Field(default="black", description=BASELINE_DESCRIPTION)
+
+
+class GradientShapParams(DeepLiftParams):
+    samples: int = Field(default=5, ge=1, le=512, description="Random points, as Captum's.")
+    stdevs: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=100.0,
+        description="Std of the Gaussian noise added to the input, in input-tensor units.",
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 class ClassicCamParams(_Params):

@@ -76,8 +76,11 @@ CAM_FAMILY = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "guide
 # test_prediction checks on every export; their own answers are checked on hand-built graphs
 # and the default model in tests/test_perturbation.py.
 BLACK_BOX = {"rise", "lime", "kernelshap"}
+# Checked against the peers' own implementations on the default model instead
+# (tests/test_peer_methods.py, references from tests/zoo/peer_references.py).
+PEER_CHECKED = {"scorecam", "ablationcam", "eigencam", "eigengradcam", "gradientshap", "deeplift"}
 # Every other method the service offers needs a torch reference here.
-METHODS = [method for method in EXPLAINERS if method not in BLACK_BOX]
+METHODS = [m for m in EXPLAINERS if m not in BLACK_BOX | PEER_CHECKED]
 ARRAY_OUTPUT = {"format": "array", "normalize": "none", "size": "model"}
 
 
@@ -381,6 +384,36 @@ def test_gradient_method(zoo: Zoo, export: str, method: str) -> None:
             failures.append(f"target {target}: {mismatch}")
     if failures:
         pytest.fail(f"{method} differs from torch: " + "; ".join(failures))
+
+
+# Methods without a per-export torch reference, with small settings: each must serve every
+# export (their values are checked on the default model and on hand-built graphs).
+UNREFERENCED: dict[str, dict[str, Any]] = {
+    "deeplift": {},
+    "gradientshap": {"samples": 2},
+    "ablationcam": {},
+    "eigengradcam": {},
+    "rise": {"masks": 16},
+    "lime": {"samples": 16, "segments": 8},
+}
+
+
+@pytest.mark.parametrize("method", UNREFERENCED)
+@pytest.mark.parametrize("export", EXPORTS)
+def test_methods_without_a_torch_reference_serve_every_export(
+    zoo: Zoo, export: str, method: str
+) -> None:
+    zoo.entry(export)
+    body = {"method": method, "params": UNREFERENCED[method], "output": ARRAY_OUTPUT}
+    response = zoo.post(export, "explain", {**body, "top_k": 1})
+    if response.status_code != 200:
+        fail_with_body(method, response)
+    (explanation,) = response.json()["explanations"]
+    values = decode_map(explanation)
+    assert values.ndim == 2
+    assert min(values.shape) > 1
+    assert np.all(np.isfinite(values))
+    assert values.std() > 0, f"{method} gave a constant map"
 
 
 CONCURRENT_MIX: list[tuple[str, dict[str, Any]]] = [

@@ -26,6 +26,7 @@ from engines.graphs.context import (
     subgraph_reads,
     walk,
 )
+from engines.graphs.deeplift import RESCALED, add_reference_branch, reference_input, rescaled
 from engines.graphs.derivatives import RULES
 from engines.graphs.normalize import at_gradient_opset, opset_of
 from engines.graphs.shapes import with_shapes
@@ -53,6 +54,9 @@ class GradientSpec:
     # equal, which saves two reorders per activation (saliency on EfficientNet-Lite0: ~12%).
     # Such a graph must not be fed N == 1 with M > 1.
     paired: bool = False
+    # DeepLift's rescale rule at nonlinearities, with the baseline fed as input `reference`
+    # (engines.graphs.deeplift); the input gradient then is DeepLift's multiplier.
+    deeplift: bool = False
 
 
 def supported_ops() -> list[str]:
@@ -88,8 +92,15 @@ def build_gradient_model(model: onnx.ModelProto, spec: GradientSpec) -> onnx.Mod
     if spec.guided:
         _check_guided(graph, active)
     centre_clips(graph, info, emit, active, {spec.output, data_input, *sources})
+    reference: dict[str, str] | None = None
+    extra_inputs = []
+    if spec.deeplift:
+        if spec.layer is not None or spec.guided:
+            raise InvalidParameters("DeepLift's graph has the input gradient only")
+        reference = add_reference_branch(graph, data_input, emit.taken)
+        extra_inputs.append(reference_input(graph, data_input))
     totals, gradients = _backward(
-        graph, spec.output, spec.guided, active, info, emit, sorted(sources)
+        graph, spec.output, spec.guided, active, info, emit, sorted(sources), reference
     )
 
     outputs = [_value_info(spec.output, info.shapes[spec.output])]
@@ -103,7 +114,7 @@ def build_gradient_model(model: onnx.ModelProto, spec: GradientSpec) -> onnx.Mod
         outputs.append(_batched(GRAD_INPUT, info, data_input, batch))
     declared = _gradient_shapes(gradients, info, batch)
     seed = _seed_info(info, spec.output, batch)
-    return _assemble(model, data_input, emit, outputs, seed, declared)
+    return _assemble(model, data_input, emit, outputs, [*extra_inputs, seed], declared)
 
 
 def _gradient_shapes(
@@ -340,9 +351,11 @@ def _backward(
     info: GraphInfo,
     emit: Emitter,
     targets: Sequence[str],
+    reference: dict[str, str] | None = None,
 ) -> tuple[dict[str, str], dict[str, set[str]]]:
     """Emit the backward nodes; return the total gradient of each target, and the forward
-    tensor of every gradient emitted (each part of a sum included)."""
+    tensor of every gradient emitted (each part of a sum included). With `reference` (each
+    forward tensor's twin on the baseline branch) nonlinearities take DeepLift's rescale rule."""
     contributions: dict[str, list[str]] = {output: [SEED]}
     totals: dict[str, str] = {}
 
@@ -371,6 +384,8 @@ def _backward(
         except Exception as exc:  # a rule meeting a form it was not written for
             log.warning("the %s rule failed on node %r", node.op_type, ctx.label, exc_info=True)
             raise ctx.fail(f"its form is not supported ({type(exc).__name__})") from exc
+        if reference is not None and node.op_type in RESCALED and input_grads[0] is not None:
+            input_grads = [rescaled(ctx, input_grads[0], reference), *input_grads[1:]]
         for name, grad in zip(node.input, input_grads, strict=True):
             if grad is not None and name in active:
                 contributions.setdefault(name, []).append(grad)
@@ -426,14 +441,14 @@ def _assemble(
     data_input: str,
     emit: Emitter,
     outputs: list[onnx.ValueInfoProto],
-    seed: onnx.ValueInfoProto,
+    extra_inputs: Sequence[onnx.ValueInfoProto],
     declared: Sequence[onnx.ValueInfoProto] = (),
 ) -> onnx.ModelProto:
     graph = model.graph
     nodes = _live_nodes([*graph.node, *emit.nodes], [o.name for o in outputs])
     used = {i for n in nodes for i in n.input}
     initializers = [i for i in [*graph.initializer, *emit.initializers] if i.name in used]
-    inputs = [i for i in graph.input if i.name == data_input] + [seed]
+    inputs = [i for i in graph.input if i.name == data_input] + list(extra_inputs)
     produced = {o for n in nodes for o in n.output}
     output_names = {o.name for o in outputs}
     value_info = [

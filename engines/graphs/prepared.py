@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from engines.errors import InvalidModel, InvalidParameters, UnsupportedModel
 from engines.graphs import GradientSpec, build_gradient_model
 from engines.graphs.context import node_attribute
+from engines.graphs.deeplift import REFERENCE
 from engines.runtime.batcher import BatchPolicy, MicroBatcher
 from engines.runtime.session import ModelSession
 from engines.runtime.shared import ModelSessions
@@ -45,6 +46,8 @@ class GraphKey:
     paired: bool = False
     """One seed per image (see `GradientSpec.paired`); with top-k seeds, each image's top-1.
     `GradientGraphs.run` picks it by itself whenever the rows pair up."""
+    deeplift: bool = False
+    """DeepLift's rescale rule; runs take the baseline as `reference`."""
 
     def file_name(self, model_sha256: str) -> str:
         parts = [model_sha256[:16], GRAPH_FORMAT]
@@ -58,6 +61,8 @@ class GraphKey:
             parts.append("guided")
         if self.paired:
             parts.append("paired")
+        if self.deeplift:
+            parts.append("deeplift")
         parts.append("topk" if self.top_k_seeds else "seeded")
         return "-".join(parts) + ".onnx"
 
@@ -313,6 +318,7 @@ class GradientGraphs:
             wrt_input=key.wrt_input,
             guided=key.guided,
             paired=key.paired,
+            deeplift=key.deeplift,
         )
         gradient_model = build_gradient_model(self.forward_graph, spec)
         if key.top_k_seeds:
@@ -382,17 +388,20 @@ class GradientGraphs:
         *,
         seeds: np.ndarray | None = None,
         top_k: int | None = None,
+        reference: np.ndarray | None = None,
     ) -> GradientResult:
-        """One gradient run; single-image, single-target runs are batched across requests."""
+        """One gradient run; single-image, single-target runs are batched across requests.
+
+        `reference`: the baseline of a DeepLift graph, one row per image of `batch`."""
         one_seed_each = (
             top_k == 1 if key.top_k_seeds else seeds is not None and seeds.shape[0] == len(batch)
         )
         key = dataclasses.replace(key, paired=one_seed_each)
         single = batch.shape[0] == 1 and one_seed_each
         if self.one_row_per_run and batch.shape[0] > 1:
-            return self._run_rows(key, input_name, batch, seeds, top_k)
-        if self.batch_policy is None or not single:
-            return self._run(key, input_name, batch, seeds, top_k)
+            return self._run_rows(key, input_name, batch, seeds, top_k, reference)
+        if self.batch_policy is None or not single or reference is not None:
+            return self._run(key, input_name, batch, seeds, top_k, reference)
         return self._batcher(key, input_name).submit((batch, seeds))
 
     def _run_rows(
@@ -402,6 +411,7 @@ class GradientGraphs:
         batch: np.ndarray,
         seeds: np.ndarray | None,
         top_k: int | None,
+        reference: np.ndarray | None = None,
     ) -> GradientResult:
         """A batch of images with one seed each, one image per run (a fixed batch of 1)."""
         if not key.paired:
@@ -413,6 +423,7 @@ class GradientGraphs:
                 batch[i : i + 1],
                 None if seeds is None else seeds[i : i + 1],
                 top_k,
+                None if reference is None else reference[i : i + 1],
             )
             for i in range(batch.shape[0])
         ]
@@ -462,9 +473,14 @@ class GradientGraphs:
         batch: np.ndarray,
         seeds: np.ndarray | None,
         top_k: int | None,
+        reference: np.ndarray | None = None,
     ) -> GradientResult:
         session = self.session(key)
         feeds: dict[str, np.ndarray] = {input_name: batch}
+        if key.deeplift:
+            if reference is None or reference.shape != batch.shape:
+                raise ValueError("a DeepLift graph needs a reference shaped like the batch")
+            feeds[REFERENCE] = reference.astype(np.float32, copy=False)
         if top_k is not None and self.num_classes:
             top_k = min(top_k, self.num_classes)  # TopK fails on k above the class count
         if key.top_k_seeds:

@@ -18,8 +18,10 @@ from engines.methods.pipeline import (
     WorkLimits,
     seeds_for,
     spatial_size,
+    targets_or_top,
 )
 from engines.models.loaded import LoadedModel
+from engines.runtime.blas import single_threaded_blas
 from schemas.params import CamParams
 
 EPSILON = 1e-7
@@ -124,3 +126,57 @@ class HiResCam(CamExplainer):
     def combine(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
         combined: np.ndarray = (gradients * activations).sum(axis=0)
         return combined
+
+
+def first_component(features: np.ndarray) -> np.ndarray:
+    """(C, h, w) -> (h, w): each position's projection on the first principal component of the
+    channel vectors (positions centred), signed so that its larger magnitude is positive.
+
+    pytorch-grad-cam's Eigen-CAM keeps the SVD's arbitrary sign, which can leave nothing after
+    the final ReLU; the sign fix is its own Seg-Eigen-CAM's (Chung and Ying 2025, Eq. 13).
+    """
+    channels = features.shape[0]
+    positions = features.reshape(channels, -1).T.astype(np.float64)
+    positions = positions - positions.mean(axis=0)
+    # The top eigenvector of the smaller Gram matrix gives the SVD's first component: P v is
+    # s u, with u the top eigenvector of P P^T and v that of P^T P (a 49x49 or CxC problem).
+    with single_threaded_blas():
+        if positions.shape[0] <= channels:
+            values, vectors = np.linalg.eigh(positions @ positions.T)
+            flat = vectors[:, -1] * np.sqrt(max(float(values[-1]), 0.0))
+        else:
+            _, vectors = np.linalg.eigh(positions.T @ positions)
+            flat = positions @ vectors[:, -1]
+    projection: np.ndarray = flat.reshape(features.shape[1:])
+    if abs(projection.min()) > abs(projection.max()):
+        projection = -projection
+    return projection
+
+
+class EigenGradCam(CamExplainer):
+    def combine(self, activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        return first_component(activations * gradients)
+
+
+class EigenCam(Explainer):
+    """The first principal component of the layer's activations: no gradient, no target, so
+    every target gets the same map."""
+
+    params_model: ClassVar[type[CamParams]] = CamParams
+
+    def explain(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: CamParams,
+        limits: WorkLimits = WorkLimits(),
+    ) -> Explained:
+        layer = model.layer(resolve_layer(model, params))
+        values, outputs = model.intermediates(tensor, (layer.name, model.output_name))
+        probabilities = model.to_probabilities(outputs.reshape(1, -1))[0]
+        chosen = targets_or_top(model, probabilities, targets, top_k)
+        activations = channels_first(values, layer.channel_axis)
+        heatmap = rectified_map(model, first_component(activations[0]))
+        return Explained(probabilities, [TargetMap(t, heatmap) for t in chosen])

@@ -70,9 +70,16 @@ def clean_targets(
 ) -> tuple[np.ndarray, list[int]]:
     """Class probabilities of the clean image, and the targets (its top-k when none given)."""
     probabilities = model.to_probabilities(model.forward(tensor))[0]
+    return probabilities, targets_or_top(model, probabilities, targets, top_k)
+
+
+def targets_or_top(
+    model: LoadedModel, probabilities: np.ndarray, targets: list[int] | None, top_k: int
+) -> list[int]:
+    """`targets`, or the top-k classes of `probabilities` when none are given."""
     if targets is None:
-        targets = [p.index for p in model.top_predictions(probabilities, top_k)]
-    return probabilities, targets
+        return [p.index for p in model.top_predictions(probabilities, top_k)]
+    return targets
 
 
 def spatial_size(model: LoadedModel) -> tuple[int, int]:

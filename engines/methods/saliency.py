@@ -23,6 +23,8 @@ from engines.methods.pipeline import (
 from engines.models.loaded import LoadedModel
 from engines.runtime import progress
 from schemas.params import (
+    DeepLiftParams,
+    GradientShapParams,
     GradientTimesInputParams,
     GuidedGradCamParams,
     IntegratedGradientsParams,
@@ -179,7 +181,7 @@ class IntegratedGradients(InputGradientExplainer):
         params: Any,
     ) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
         probabilities, chosen = clean_targets(model, tensor, targets, top_k)
-        baseline = self.baseline(model, tensor, params.baseline)
+        baseline = baseline_tensor(model, tensor, params.baseline)
         alphas = (np.arange(params.steps, dtype=np.float32) + 0.5) / params.steps
         shape = (-1,) + (1,) * (tensor.ndim - 1)
         rows = (baseline + alphas.reshape(shape) * (tensor - baseline)).astype(np.float32)
@@ -187,15 +189,96 @@ class IntegratedGradients(InputGradientExplainer):
         grads = [g * difference for g in mean_gradients(model, rows, chosen)]
         return probabilities, chosen, grads
 
-    def baseline(self, model: LoadedModel, tensor: np.ndarray, kind: str) -> np.ndarray:
-        if kind == "zeros":
-            return np.zeros_like(tensor)
-        value = {"black": 0.0, "white": 255.0, "grey": 128.0, "blur": None}[kind]
-        spec = model.config.input
-        if value is None:
-            return blur_tensor(tensor, model.channel_axis, max(spec.height, spec.width) / 20)
-        pixels = np.full((spec.height, spec.width, 3), value, dtype=np.float32)
-        return preprocess([pixels.astype(np.uint8)], spec)
+
+class DeepLift(InputGradientExplainer):
+    """Captum's DeepLift (rescale rule): (x - baseline) times the gradient graph's multipliers,
+    which rescale every nonlinearity by its output change over its input change."""
+
+    params_model = DeepLiftParams
+
+    def attribute(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: Any,
+    ) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+        baseline = baseline_tensor(model, tensor, params.baseline).astype(np.float32)
+        key = GraphKey(
+            layer=None, wrt_input=True, guided=False, top_k_seeds=targets is None, deeplift=True
+        )
+        seeds = None if targets is None else seeds_for(targets, model.num_classes)
+        result = model.gradients.run(
+            key, model.input_name, tensor, seeds=seeds, top_k=top_k, reference=baseline
+        )
+        assert result.grad_input is not None
+        products = channels_first(result.grad_input * (tensor - baseline), model.channel_axis)
+        probabilities = model.to_probabilities(result.outputs)[0]
+        return probabilities, result.targets.tolist(), list(products)
+
+
+class GradientShap(InputGradientExplainer):
+    """Captum's GradientShap: the mean over `samples` random points of
+    (x' - baseline) * gradient at baseline + alpha * (x' - baseline), where x' is the input
+    plus Gaussian noise of std `stdevs` and alpha is uniform in [0, 1)."""
+
+    params_model = GradientShapParams
+
+    def attribute(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        targets: list[int] | None,
+        top_k: int,
+        params: Any,
+    ) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+        probabilities, chosen = clean_targets(model, tensor, targets, top_k)
+        baseline = baseline_tensor(model, tensor, params.baseline)
+        alphas, noisy = gradient_shap_points(tensor, params.samples, params.stdevs, params.seed)
+        differences = (noisy - baseline).astype(np.float32)
+        shape = (-1,) + (1,) * (tensor.ndim - 1)
+        rows = (baseline + alphas.reshape(shape) * differences).astype(np.float32)
+        key = GraphKey(layer=None, wrt_input=True, guided=False, top_k_seeds=False)
+        per_run = model.rows_per_run(CHUNK_ROWS, model.gradients.activation_bytes)
+        totals = np.zeros((len(chosen), *tensor.shape[1:]), dtype=np.float64)
+        total_rows, done = len(chosen) * rows.shape[0], 0
+        for index, target in enumerate(chosen):
+            for start in range(0, rows.shape[0], per_run):
+                chunk = rows[start : start + per_run]
+                seeds = seeds_for([target] * chunk.shape[0], model.num_classes)
+                run = model.gradients.run(key, model.input_name, chunk, seeds=seeds)
+                assert run.grad_input is not None
+                products = run.grad_input * differences[start : start + per_run]
+                totals[index] += products.astype(np.float64).sum(axis=0)
+                done += chunk.shape[0]
+                progress.report(done, total_rows)
+        means = channels_first(totals / rows.shape[0], model.channel_axis)
+        return probabilities, chosen, list(means)
+
+
+def gradient_shap_points(
+    tensor: np.ndarray, samples: int, stdevs: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """GradientShap's random alphas (samples,) and noisy inputs (samples, ...) for `seed`."""
+    rng = np.random.default_rng(seed)
+    alphas = rng.uniform(0.0, 1.0, samples).astype(np.float32)
+    noisy = np.repeat(tensor, samples, axis=0)
+    if stdevs > 0:
+        noisy = noisy + rng.normal(0.0, stdevs, size=noisy.shape).astype(np.float32)
+    return alphas, noisy
+
+
+def baseline_tensor(model: LoadedModel, tensor: np.ndarray, kind: str) -> np.ndarray:
+    """A baseline input tensor: a pixel-space one (`black`, `white`, `grey`, `blur`) or zeros."""
+    if kind == "zeros":
+        return np.zeros_like(tensor)
+    value = {"black": 0.0, "white": 255.0, "grey": 128.0, "blur": None}[kind]
+    spec = model.config.input
+    if value is None:
+        return blur_tensor(tensor, model.channel_axis, max(spec.height, spec.width) / 20)
+    pixels = np.full((spec.height, spec.width, 3), value, dtype=np.float32)
+    return preprocess([pixels.astype(np.uint8)], spec)
 
 
 class GuidedGradCam(Explainer):

@@ -18,6 +18,7 @@ from engines.graphs.normalize import BatchMode, Normalized, fixed_batch_of_one, 
 from engines.graphs.prepared import GradientGraphs
 from engines.graphs.shapes import with_shapes
 from engines.graphs.sizes import activation_bytes
+from engines.graphs.suffix import Suffix, build_suffix_model
 from engines.imaging.decode import preprocess
 from engines.models.layers import LayerInfo, spatial_layers
 from engines.runtime.batcher import BatchPolicy, MicroBatcher
@@ -218,6 +219,8 @@ class LoadedModel:
             batch_policy=batch_policy,
             on_batch=on_batch,
         )
+        self._suffixes: dict[str, Suffix] = {}
+        self._suffix_lock = threading.Lock()
         self._forward_batcher = (
             None
             if batch_policy is None
@@ -369,15 +372,54 @@ class LoadedModel:
     def layer_activations(self, batch: np.ndarray, layer: str) -> np.ndarray:
         """A layer's activations for a preprocessed batch (a session exposing that layer)."""
         self.gradients.check_layer(layer)
+        (values,) = self.intermediates(batch, (layer,))
+        return values
+
+    def intermediates(self, batch: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+        """Tensors of the graph for a preprocessed batch (a session exposing them)."""
 
         def make() -> onnx.ModelProto:
             graph = onnx.ModelProto()
             graph.CopyFrom(self.graph)
-            graph.graph.output.append(onnx.ValueInfoProto(name=layer))
+            declared = {o.name for o in graph.graph.output}
+            graph.graph.output.extend(
+                onnx.ValueInfoProto(name=name) for name in names if name not in declared
+            )
             return graph
 
-        session = self.sessions.get("activations", layer, make, self.activation_bytes)
-        return self._run(session, batch, layer)
+        key = names[0] if len(names) == 1 else names
+        session = self.sessions.get("activations", key, make, self.activation_bytes)
+        if self.one_row_per_run and batch.shape[0] > 1:
+            rows = [self.intermediates(row[None], names) for row in batch]
+            return [np.concatenate(parts) for parts in zip(*rows, strict=True)]
+        return list(session.run({self.input_name: batch}, list(names)))
+
+    def suffix(self, layer: str) -> Suffix:
+        """The part of the graph after `layer` (engines.graphs.suffix), built once."""
+        self.gradients.check_layer(layer)
+        with self._suffix_lock:
+            found = self._suffixes.get(layer)
+            if found is None:
+                found = build_suffix_model(self.graph, layer, self.output_name)
+                self._suffixes[layer] = found
+            return found
+
+    def run_suffix(self, layer: str, rows: np.ndarray, boundary: list[np.ndarray]) -> np.ndarray:
+        """The raw output (N, classes) for `rows` of `layer`'s activations; `boundary` holds the
+        clean values (batch of 1) of what the part after the layer also reads."""
+        suffix = self.suffix(layer)
+        session = self.sessions.get("suffix", layer, lambda: suffix.model, suffix.activation_bytes)
+        count = rows.shape[0]
+        per_run = 1 if self.one_row_per_run else count
+        outputs = []
+        for start in range(0, count, per_run):
+            chunk = rows[start : start + per_run]
+            feeds = {layer: chunk}
+            for name, value in zip(suffix.boundary, boundary, strict=True):
+                feeds[name] = np.repeat(value, chunk.shape[0], axis=0)
+            (values,) = session.run(feeds, [self.output_name])
+            outputs.append(values.reshape(chunk.shape[0], -1))
+        return np.concatenate(outputs)
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
         return self.to_probabilities(self.forward(preprocess(images, self.config.input)))
