@@ -1,10 +1,13 @@
 // onnx-explain's page: plain JS, no build step. Talks to the JSON API under v1/.
 "use strict";
 
-const CAM_METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "guided_gradcam"];
+const CAM_METHODS = [
+  "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "guided_gradcam",
+  "scorecam", "ablationcam", "eigencam", "eigengradcam",
+];
 // Methods that take long enough to stream their progress (NDJSON events) into the bar.
 const STREAMED_METHODS = [
-  "occlusion", "smoothgrad", "integrated_gradients", "rise", "lime", "kernelshap",
+  "occlusion", "smoothgrad", "integrated_gradients", "rise", "lime", "kernelshap", "scorecam",
 ];
 const TOP_K = 5;
 const OVERLAY_ALPHA = 0.5;
