@@ -82,6 +82,37 @@ def test_page_assets_are_local_and_served(tiny_client: TestClient) -> None:
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]", response.text), url
 
 
+class _MethodOptions(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_method = False
+        self.values: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "select":
+            self.in_method = found.get("id") == "method"
+        elif tag == "option" and self.in_method and found.get("value"):
+            self.values.append(str(found["value"]))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "select":
+            self.in_method = False
+
+
+def test_the_page_offers_every_method_the_service_has(tiny_client: TestClient) -> None:
+    from typing import get_args
+
+    from schemas.explain import ExplainMethod
+
+    parser = _MethodOptions()
+    parser.feed(tiny_client.get("/").text)
+    offered = parser.values
+    assert len(offered) == len(set(offered))
+    # `cam` needs a GAP + linear head, which the page cannot know beforehand.
+    assert set(offered) == set(get_args(ExplainMethod)) - {"cam"}
+
+
 def test_a_missing_static_file_is_a_json_404(tiny_client: TestClient) -> None:
     response = tiny_client.get("/static/nope.js")
     assert response.status_code == 404
