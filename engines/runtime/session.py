@@ -31,8 +31,10 @@ class RuntimeOptions:
     """onnxruntime's pool threads spin between parallel sections; off, they sleep, leaving the
     cores to the rest of the process (decoding, rendering, HTTP) at some cost in latency."""
     batch_intra_op_threads: int = 0
-    """Threads of the sessions that run long batch jobs (occlusion's copies); 0: as many as
-    `intra_op_threads`, so batch work runs on the same sessions as short requests."""
+    """Threads of the sessions that run long batch jobs (occlusion, SmoothGrad, Integrated
+    Gradients, GradientSHAP, the perturbation methods, Score-/Ablation-CAM, deletion/insertion
+    curves: `batch_work` sessions); 0: as many as `intra_op_threads`, so batch work runs on
+    the same sessions as short requests."""
 
     def for_batches(self) -> "RuntimeOptions":
         """The options of batch work's sessions."""
