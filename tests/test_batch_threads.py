@@ -101,6 +101,7 @@ def test_batch_sessions_have_the_batch_threads_and_equal_threads_build_none(
     assert apart.gradients.session(key, batch_work=True).intra_op_threads == 2
     assert apart.gradients.session(key).intra_op_threads == 1
     assert apart.sessions.batch_kind("gradient") in apart.sessions.runs()
+    assert apart.budget.usage().entries_by_kind[apart.sessions.batch_kind("gradient")] == 1
     # Equal thread counts: batch work finds the short requests' sessions, and builds nothing.
     for method, values in LONG_METHODS.items():
         explainer = EXPLAINERS[method]
@@ -108,4 +109,5 @@ def test_batch_sessions_have_the_batch_threads_and_equal_threads_build_none(
     kinds = together.sessions.runs()
     assert "gradient" in kinds
     assert not [kind for kind in kinds if kind.endswith(":batch")]
+    assert not [kind for kind in together.budget.usage().by_kind if kind.endswith(":batch")]
     assert together.gradients.session(key, batch_work=True) is together.gradients.session(key)
