@@ -10,6 +10,12 @@ process at batch sizes 1 to 32 and prints the ratio of the server's Grad-CAM thr
 concurrency 32 to the best of them (target >= 0.8). With --soak-seconds it runs Grad-CAM at
 concurrency 32 for that long and prints the server's resident memory over time (target: flat
 within 10%). Requirements checked: no 5xx but 503/504, every request answered.
+
+    python -m benchmarks.load --big-jobs-seconds 8
+
+measures instead the latency of short requests (predict and Grad-CAM, p50/p95, one client
+each) alone and while big jobs (occlusion and SmoothGrad, one client each) run beside them, on a
+server whose batch work has one thread and on one with the default batch threads (issue 17).
 """
 
 import argparse
@@ -82,7 +88,87 @@ def scenarios(image_b64: str) -> dict[str, tuple[str, dict[str, Any]]]:
                 "output": {"format": "png", "size": "model"},
             },
         ),
+        "big-occlusion": (
+            f"/v1/models/{MODEL}/explain",
+            {
+                "image": image_b64,
+                "method": "occlusion",
+                "params": {"window": 32, "stride": 16},
+                "output": {"format": "png", "size": "model"},
+            },
+        ),
+        "smoothgrad": (
+            f"/v1/models/{MODEL}/explain",
+            {
+                "image": image_b64,
+                "method": "smoothgrad",
+                "params": {"samples": 25},
+                "output": {"format": "png", "size": "model"},
+            },
+        ),
     }
+
+
+SHORT = ("predict", "gradcam")
+BIG = ("big-occlusion", "smoothgrad")
+
+
+def percentiles(latencies: list[float]) -> str:
+    if not latencies:
+        return "no answers"
+    p50, p95 = np.percentile(latencies, [50, 95]) * 1000
+    return f"p50 {p50:7.1f} ms  p95 {p95:7.1f} ms  n={len(latencies)}"
+
+
+async def short_and_big(
+    port: int, all_scenarios: dict[str, tuple[str, dict[str, Any]]], seconds: float, big: bool
+) -> dict[str, tuple[int, collections.Counter[str], list[float], float]]:
+    """One client per short scenario, and (with `big`) one per big job, all at once."""
+    names = [*SHORT, *(BIG if big else ())]
+    outcomes = await asyncio.gather(
+        *(drive(port, *all_scenarios[name], 1, seconds) for name in names)
+    )
+    return dict(zip(names, outcomes, strict=True))
+
+
+def short_latency_under_big_jobs(root: Path, image_b64: str, threads: int, seconds: float) -> int:
+    """Short requests' latency alone and beside big jobs, with one batch thread and with the
+    default batch threads; returns the count of bad answers."""
+    default_batch = Settings(workers=1).batch_threads_per_session
+    all_scenarios = scenarios(image_b64)
+    bad = 0
+    print(
+        f"short requests beside big jobs ({', '.join(BIG)}), {threads} thread(s) for short "
+        f"requests, one client per scenario, {seconds:g} s per cell"
+    )
+    for batch_threads in dict.fromkeys((1, default_batch)):
+        port = free_port()
+        server = start_server(
+            root / "models", root / "cache", port, threads, batch_threads=batch_threads
+        )
+        try:
+            for name in (*SHORT, *BIG):  # graphs built before anything is timed
+                run(drive(port, *all_scenarios[name], 1, 0.1))
+            for big in (False, True):
+                cells = run(short_and_big(port, all_scenarios, seconds if big else 2.0, big))
+                label = "beside big jobs" if big else "alone"
+                for name, (sent, statuses, latencies, elapsed) in cells.items():
+                    bad += sent - sum(statuses.values())
+                    bad += sum(n for status, n in statuses.items() if status != "200")
+                    if name in SHORT:
+                        print(
+                            f"  batch threads {batch_threads}, {label:<15} {name:<9} "
+                            f"{percentiles(latencies)}"
+                        )
+                    else:
+                        print(
+                            f"  batch threads {batch_threads}, {label:<15} {name:<13} "
+                            f"{len(latencies) / elapsed:.2f} jobs/s  {percentiles(latencies)}"
+                        )
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return bad
 
 
 class Connection:
@@ -173,8 +259,14 @@ def run(coroutine: Coroutine[Any, Any, Outcome]) -> Outcome:
 
 
 def start_server(
-    repository: Path, cache: Path, port: int, threads: int, workers: int = 1
+    repository: Path,
+    cache: Path,
+    port: int,
+    threads: int,
+    workers: int = 1,
+    batch_threads: int = 0,
 ) -> subprocess.Popen[bytes]:
+    """`batch_threads`: of the sessions running long jobs (0: the service's default)."""
     env = {
         **os.environ,
         "ONNX_EXPLAIN_MODEL_REPOSITORY": str(repository),
@@ -185,6 +277,7 @@ def start_server(
         "ONNX_EXPLAIN_LOG_LEVEL": "warning",
         "ONNX_EXPLAIN_MAX_IN_FLIGHT": "256",
         "ONNX_EXPLAIN_MAX_QUEUE": "256",
+        "ONNX_EXPLAIN_BATCH_INTRA_OP_THREADS": str(batch_threads),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
@@ -241,6 +334,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="server processes")
     parser.add_argument("--soak-seconds", type=float, default=0.0)
     parser.add_argument("--scenarios", default="predict,gradcam,occlusion")
+    parser.add_argument(
+        "--big-jobs-seconds",
+        type=float,
+        default=0.0,
+        help="measure only short requests beside big jobs, this long per cell",
+    )
     args = parser.parse_args()
     args.threads = args.threads or Settings(workers=args.workers).threads_per_session
     levels = [int(level) for level in args.levels.split(",")]
@@ -256,6 +355,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         folder = default_model_folder(root / "models")
+        if args.big_jobs_seconds > 0:
+            bad = short_latency_under_big_jobs(root, image_b64, args.threads, args.big_jobs_seconds)
+            print(f"non-200 answers or unanswered requests: {bad}")
+            return
         port = free_port()
         server = start_server(root / "models", root / "cache", port, args.threads, args.workers)
         throughput: dict[tuple[str, int], float] = {}

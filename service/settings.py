@@ -44,9 +44,11 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         le=256,
-        description="Threads of the sessions that run long batch jobs (occlusion's copies), which "
-        "share the model's weights with the others; 0 = the machine's cores divided by the "
-        "number of workers, while short requests keep `intra_op_threads`.",
+        description="Threads of the sessions that run long batch jobs: occlusion, smoothgrad, "
+        "integrated_gradients, gradientshap, rise, lime, kernelshap, scorecam, ablationcam and "
+        "the deletion/insertion curves; they share the model's weights with the others, and "
+        "equal to `intra_op_threads` they run on the same sessions. 0 = the machine's cores "
+        "divided by the number of workers, while short requests keep `intra_op_threads`.",
     )
     inter_op_threads: int = Field(
         default=1,

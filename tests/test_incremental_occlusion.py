@@ -167,7 +167,7 @@ def test_batch_work_runs_on_its_own_session_with_its_threads(tmp_path: Path) -> 
     model = LoadedModel("residual", folder, apart)
     batch = preprocess([random_image(32, seed=s) for s in range(3)], model.config.input)
     np.testing.assert_allclose(model.forward_batch(batch), model.forward(batch), rtol=1e-6)
-    assert model.sessions.resident("forward-batch", None)
+    assert model.sessions.resident(model.sessions.batch_kind("forward"), None)
 
 
 def test_the_batch_threads_setting_reaches_the_runtime_options() -> None:

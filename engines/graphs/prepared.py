@@ -347,7 +347,9 @@ class GradientGraphs:
             write_atomically(self.build(key), cached)
         return cached
 
-    def session(self, key: GraphKey) -> ModelSession:
+    def session(self, key: GraphKey, batch_work: bool = False) -> ModelSession:
+        """The session of `key`; with `batch_work`, the one long jobs run on (see
+        `ModelSessions.get`: a second session of the graph when batch threads differ)."""
         if key.layer is not None:
             self.check_layer(key.layer)
         try:
@@ -357,6 +359,7 @@ class GradientGraphs:
                 lambda: self._locate_or_build(key),
                 self.activation_bytes,
                 seeds=(SEED_INPUT, TOP_K_INPUT, TARGETS_OUTPUT),
+                batch_work=batch_work,
             )
         except InvalidModel as exc:  # the model loaded; it is this graph that cannot
             raise UnsupportedModel(
@@ -389,19 +392,22 @@ class GradientGraphs:
         seeds: np.ndarray | None = None,
         top_k: int | None = None,
         reference: np.ndarray | None = None,
+        batch_work: bool = False,
     ) -> GradientResult:
         """One gradient run; single-image, single-target runs are batched across requests.
 
-        `reference`: the baseline of a DeepLift graph, one row per image of `batch`."""
+        `reference`: the baseline of a DeepLift graph, one row per image of `batch`;
+        `batch_work`: a long job's run (SmoothGrad, Integrated Gradients, GradientSHAP), on the
+        session with the batch threads, never joined with short requests' rows."""
         one_seed_each = (
             top_k == 1 if key.top_k_seeds else seeds is not None and seeds.shape[0] == len(batch)
         )
         key = dataclasses.replace(key, paired=one_seed_each)
         single = batch.shape[0] == 1 and one_seed_each
         if self.one_row_per_run and batch.shape[0] > 1:
-            return self._run_rows(key, input_name, batch, seeds, top_k, reference)
-        if self.batch_policy is None or not single or reference is not None:
-            return self._run(key, input_name, batch, seeds, top_k, reference)
+            return self._run_rows(key, input_name, batch, seeds, top_k, reference, batch_work)
+        if self.batch_policy is None or not single or reference is not None or batch_work:
+            return self._run(key, input_name, batch, seeds, top_k, reference, batch_work)
         return self._batcher(key, input_name).submit((batch, seeds))
 
     def _run_rows(
@@ -412,6 +418,7 @@ class GradientGraphs:
         seeds: np.ndarray | None,
         top_k: int | None,
         reference: np.ndarray | None = None,
+        batch_work: bool = False,
     ) -> GradientResult:
         """A batch of images with one seed each, one image per run (a fixed batch of 1)."""
         if not key.paired:
@@ -424,6 +431,7 @@ class GradientGraphs:
                 None if seeds is None else seeds[i : i + 1],
                 top_k,
                 None if reference is None else reference[i : i + 1],
+                batch_work,
             )
             for i in range(batch.shape[0])
         ]
@@ -474,8 +482,9 @@ class GradientGraphs:
         seeds: np.ndarray | None,
         top_k: int | None,
         reference: np.ndarray | None = None,
+        batch_work: bool = False,
     ) -> GradientResult:
-        session = self.session(key)
+        session = self.session(key, batch_work)
         feeds: dict[str, np.ndarray] = {input_name: batch}
         if key.deeplift:
             if reference is None or reference.shape != batch.shape:

@@ -167,7 +167,7 @@ class ScoreCam(ForwardCam):
             masks /= span
             chunk = copies[: channels.size]
             np.multiply(tensor, np.expand_dims(masks, model.channel_axis), out=chunk)
-            return model.forward(chunk)
+            return model.forward_batch(chunk)
 
         return score
 

@@ -104,7 +104,7 @@ def faithfulness(
                     changed = order[:count]
                     copy[changed] = flat_source[changed]
                 batch = normalize_fitted(copies.reshape(-1, height, width, 3), model.config.input)
-                probabilities = model.to_probabilities(model.forward(batch))
+                probabilities = model.to_probabilities(model.forward_batch(batch))
                 scores[first : first + chunk.size] = probabilities[:, target]
                 progress.report(first + chunk.size, steps + 1)
             curves[kind] = Curve(fractions, scores, trapezoid_area(fractions, scores))

@@ -36,8 +36,8 @@ def check_passes(passes: int, limits: WorkLimits, requested: int | None, what: s
 def scorer(model: LoadedModel, score: str) -> Callable[[np.ndarray], np.ndarray]:
     """A batch of input tensors -> (B, classes): probabilities or logits."""
     if score == "probability":
-        return lambda batch: model.to_probabilities(model.forward(batch))
-    return model.forward
+        return lambda batch: model.to_probabilities(model.forward_batch(batch))
+    return model.forward_batch
 
 
 def baseline_tensor(

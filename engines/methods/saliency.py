@@ -128,7 +128,7 @@ def mean_input_gradient(
     for start in range(0, rows.shape[0], per_run):
         chunk = rows[start : start + per_run]
         seeds = seeds_for([target] * chunk.shape[0], model.num_classes)
-        run = model.gradients.run(key, model.input_name, chunk, seeds=seeds)
+        run = model.gradients.run(key, model.input_name, chunk, seeds=seeds, batch_work=True)
         assert run.grad_input is not None
         chunk_sum = run.grad_input.astype(np.float64).sum(axis=0)
         total = chunk_sum if total is None else total + chunk_sum
@@ -247,7 +247,9 @@ class GradientShap(InputGradientExplainer):
             for start in range(0, rows.shape[0], per_run):
                 chunk = rows[start : start + per_run]
                 seeds = seeds_for([target] * chunk.shape[0], model.num_classes)
-                run = model.gradients.run(key, model.input_name, chunk, seeds=seeds)
+                run = model.gradients.run(
+                    key, model.input_name, chunk, seeds=seeds, batch_work=True
+                )
                 assert run.grad_input is not None
                 products = run.grad_input * differences[start : start + per_run]
                 totals[index] += products.astype(np.float64).sum(axis=0)

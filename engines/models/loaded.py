@@ -298,13 +298,14 @@ class LoadedModel:
         return output.reshape(output.shape[0], -1)
 
     def forward_batch(self, batch: np.ndarray) -> np.ndarray:
-        """`forward` for long batch jobs: on a session with the batch threads when they differ
-        from the short requests' (the weights are shared), else on the forward session. On
-        CUDA threads do not matter and weights are not shared: it is the forward session."""
-        if not self.options.batches_apart or self.session.provider != "CPUExecutionProvider":
+        """`forward` for long batch jobs (occlusion, perturbation methods, Score-CAM, deletion
+        and insertion curves): on a session with the batch threads when they differ from the
+        short requests' (the weights are shared), else on the forward session. On CUDA threads
+        do not matter and weights are not shared: it is the forward session."""
+        if not self.sessions.batches_apart or self.session.provider != "CPUExecutionProvider":
             return self.forward(batch)
         session = self.sessions.get(
-            "forward-batch", None, lambda: self.graph, self.activation_bytes, batch_work=True
+            "forward", None, lambda: self.graph, self.activation_bytes, batch_work=True
         )
         output = self._run(session, batch, self.output_name)
         return output.reshape(output.shape[0], -1)
@@ -406,9 +407,12 @@ class LoadedModel:
 
     def run_suffix(self, layer: str, rows: np.ndarray, boundary: list[np.ndarray]) -> np.ndarray:
         """The raw output (N, classes) for `rows` of `layer`'s activations; `boundary` holds the
-        clean values (batch of 1) of what the part after the layer also reads."""
+        clean values (batch of 1) of what the part after the layer also reads. Batch work
+        (Ablation-CAM's copies): it runs with the batch threads."""
         suffix = self.suffix(layer)
-        session = self.sessions.get("suffix", layer, lambda: suffix.model, suffix.activation_bytes)
+        session = self.sessions.get(
+            "suffix", layer, lambda: suffix.model, suffix.activation_bytes, batch_work=True
+        )
         count = rows.shape[0]
         per_run = 1 if self.one_row_per_run else count
         outputs = []

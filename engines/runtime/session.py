@@ -4,6 +4,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,8 +31,10 @@ class RuntimeOptions:
     """onnxruntime's pool threads spin between parallel sections; off, they sleep, leaving the
     cores to the rest of the process (decoding, rendering, HTTP) at some cost in latency."""
     batch_intra_op_threads: int = 0
-    """Threads of the sessions that run long batch jobs (occlusion's copies); 0: as many as
-    `intra_op_threads`, so batch work runs on the same sessions as short requests."""
+    """Threads of the sessions that run long batch jobs (occlusion, SmoothGrad, Integrated
+    Gradients, GradientSHAP, the perturbation methods, Score-/Ablation-CAM, deletion/insertion
+    curves: `batch_work` sessions); 0: as many as `intra_op_threads`, so batch work runs on
+    the same sessions as short requests."""
 
     def for_batches(self) -> "RuntimeOptions":
         """The options of batch work's sessions."""
@@ -159,6 +162,14 @@ class ModelSession:
             raise InvalidModel("CUDA was required by the settings but the session fell back")
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+        self.runs = 0
+        """Runs made (counted before each starts): which session did a job's work."""
+        self._runs_lock = threading.Lock()
+
+    @property
+    def intra_op_threads(self) -> int:
+        """The intra-op threads onnxruntime was given (0: its default, one per core)."""
+        return int(self._session.get_session_options().intra_op_num_threads)
 
     @property
     def provider(self) -> str:
@@ -168,6 +179,8 @@ class ModelSession:
     def run(
         self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None
     ) -> list[np.ndarray]:
+        with self._runs_lock:
+            self.runs += 1
         if self.work is None:
             return self._run(feeds, output_names)
         with self.work.budget.reserve(_rows(feeds) * self.work.bytes_per_row, "a run"):

@@ -222,6 +222,19 @@ class ModelSessions:
         self._building: dict[tuple[str, Hashable], threading.Lock] = {}
         self._lock = threading.Lock()
 
+    @property
+    def batches_apart(self) -> bool:
+        """Batch work runs on sessions of its own: its threads differ from the short requests'
+        and the graphs run on the CPU (on CUDA threads do not matter)."""
+        return self.options.batches_apart and choose_providers(self.options.providers) == [
+            "CPUExecutionProvider"
+        ]
+
+    @staticmethod
+    def batch_kind(kind: str) -> str:
+        """The kind under which batch work's session of `kind` is kept when it runs apart."""
+        return f"{kind}:batch"
+
     def get(
         self,
         kind: str,
@@ -237,7 +250,12 @@ class ModelSessions:
         while a run holds it. Prepared sessions run without onnxruntime's arena, so between
         runs they hold little beyond their graph: many fit where each would otherwise keep its
         largest run's activations (EfficientNet-Lite0: 20-50 MiB a graph). `batch_work`: the
-        session runs long batch jobs, with the options' batch threads."""
+        session runs long batch jobs: with batch threads of their own (`batches_apart`), a
+        second session of the same graph (its weights shared), kept as `batch_kind(kind)`;
+        otherwise the one session of `(kind, key)`."""
+        apart = batch_work and self.batches_apart
+        if apart:
+            kind = self.batch_kind(kind)
         slot = (kind, key)
         with self._lock:
             found = self._sessions.get(slot)
@@ -254,7 +272,7 @@ class ModelSessions:
             with self.budget.build_slot(kind):
                 source = make()
                 work = RunMemory(self.budget, activation_bytes)
-                options = self.options.for_batches() if batch_work else self.options
+                options = self.options.for_batches() if apart else self.options
                 built = build_session(
                     source, options, self.weights, arena=False, work=work, seeds=seeds
                 )
@@ -273,6 +291,14 @@ class ModelSessions:
     def resident_keys(self, kind: str) -> list[Hashable]:
         with self._lock:
             return [key for k, key in self._sessions if k == kind]
+
+    def runs(self) -> dict[str, int]:
+        """Runs made by the resident sessions, by kind (a batch kind: batch work apart)."""
+        counts: dict[str, int] = {}
+        with self._lock:
+            for (kind, _), (session, _) in self._sessions.items():
+                counts[kind] = counts.get(kind, 0) + session.runs
+        return counts
 
     def _forget(self, slot: tuple[str, Hashable]) -> None:
         with self._lock:
