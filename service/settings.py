@@ -48,7 +48,9 @@ class Settings(BaseSettings):
         "integrated_gradients, gradientshap, rise, lime, kernelshap, scorecam, ablationcam and "
         "the deletion/insertion curves; they share the model's weights with the others, and "
         "equal to `intra_op_threads` they run on the same sessions. 0 = the machine's cores "
-        "divided by the number of workers, while short requests keep `intra_op_threads`.",
+        "divided by the number of workers, while short requests keep `intra_op_threads`. A "
+        "batch takes these threads only while no other request's short run is in flight or "
+        "ended in the last 50 ms; otherwise it runs on the short requests' sessions.",
     )
     inter_op_threads: int = Field(
         default=1,

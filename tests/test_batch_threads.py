@@ -1,6 +1,9 @@
 """Long jobs run on sessions with the batch threads (issue 17, part 1), with the same results
 as on the short requests' sessions, and no second session when the thread counts agree."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 from pydantic import BaseModel
@@ -10,6 +13,8 @@ from engines.imaging.decode import preprocess
 from engines.methods.metrics import faithfulness
 from engines.methods.registry import EXPLAINERS
 from engines.models.loaded import LoadedModel
+from engines.runtime import contention
+from engines.runtime.deadline import Deadline
 from engines.runtime.session import RuntimeOptions
 from tests.tiny_models import write_model_folder
 
@@ -111,3 +116,57 @@ def test_batch_sessions_have_the_batch_threads_and_equal_threads_build_none(
     assert not [kind for kind in kinds if kind.endswith(":batch")]
     assert not [kind for kind in together.budget.usage().by_kind if kind.endswith(":batch")]
     assert together.gradients.session(key, batch_work=True) is together.gradients.session(key)
+
+
+def test_batch_work_leaves_the_cores_to_a_short_request_that_is_running(
+    models: tuple[LoadedModel, LoadedModel],
+) -> None:
+    """While another request's short run is in flight, batch work takes the short sessions
+    (their fewer threads); once it is over, the wide batch sessions again."""
+    apart, _ = models
+    occlusion = EXPLAINERS["occlusion"]
+    params = occlusion.params_model(**LONG_METHODS["occlusion"])
+    tensor = preprocess([image()], apart.config.input)
+    started, release = threading.Event(), threading.Event()
+
+    def short_request() -> None:
+        with Deadline(30).activate(), contention.SHORT_RUNS.running():
+            started.set()
+            release.wait(30)
+
+    other = threading.Thread(target=short_request)
+    other.start()
+    try:
+        assert started.wait(10)
+        assert contention.SHORT_RUNS.recent()
+        _, batch_before = runs(apart)
+        occlusion.explain(apart, tensor, [1], 1, params)
+        assert runs(apart)[1] == batch_before
+    finally:
+        release.set()
+        other.join()
+    time.sleep(contention.QUIET_SECONDS * 2)
+    assert not contention.SHORT_RUNS.recent()
+    occlusion.explain(apart, tensor, [1], 1, params)
+    assert runs(apart)[1] > batch_before
+
+
+def test_a_requests_own_runs_and_batch_work_never_count_as_contention() -> None:
+    with Deadline(30).activate():
+        with contention.SHORT_RUNS.running():
+            assert not contention.SHORT_RUNS.recent()  # its own run
+        assert not contention.SHORT_RUNS.recent()
+    time.sleep(contention.QUIET_SECONDS * 2)
+    seen: list[bool] = []
+
+    def batch_request() -> None:
+        with Deadline(30).activate():
+            contention.mark_batch_work()
+            with contention.run_kind():  # a batch job's run is not a short one
+                seen.append(contention.doing_batch_work())
+
+    thread = threading.Thread(target=batch_request)
+    thread.start()
+    thread.join()
+    assert seen == [True]
+    assert not contention.SHORT_RUNS.recent()

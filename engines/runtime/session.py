@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engines.errors import InferenceFailed, InvalidModel
+from engines.runtime import contention
 from engines.runtime.deadline import guarded_run
 from engines.runtime.memory import MemoryBudget
 
@@ -181,10 +182,11 @@ class ModelSession:
     ) -> list[np.ndarray]:
         with self._runs_lock:
             self.runs += 1
-        if self.work is None:
-            return self._run(feeds, output_names)
-        with self.work.budget.reserve(_rows(feeds) * self.work.bytes_per_row, "a run"):
-            return self._run(feeds, output_names)
+        with contention.run_kind():
+            if self.work is None:
+                return self._run(feeds, output_names)
+            with self.work.budget.reserve(_rows(feeds) * self.work.bytes_per_row, "a run"):
+                return self._run(feeds, output_names)
 
     def _run(
         self, feeds: dict[str, np.ndarray], output_names: list[str] | None

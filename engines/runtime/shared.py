@@ -29,6 +29,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from engines.errors import InvalidModel
+from engines.runtime import contention
 from engines.runtime.memory import MemoryBudget
 from engines.runtime.schedule import seed_free_first
 from engines.runtime.session import ModelSession, RunMemory, RuntimeOptions, choose_providers
@@ -251,9 +252,12 @@ class ModelSessions:
         runs they hold little beyond their graph: many fit where each would otherwise keep its
         largest run's activations (EfficientNet-Lite0: 20-50 MiB a graph). `batch_work`: the
         session runs long batch jobs: with batch threads of their own (`batches_apart`), a
-        second session of the same graph (its weights shared), kept as `batch_kind(kind)`;
-        otherwise the one session of `(kind, key)`."""
-        apart = batch_work and self.batches_apart
+        second session of the same graph (its weights shared), kept as `batch_kind(kind)`,
+        while no short run needs the cores (engines.runtime.contention); otherwise the one
+        session of `(kind, key)`."""
+        if batch_work:
+            contention.mark_batch_work()
+        apart = batch_work and self.batches_apart and not contention.SHORT_RUNS.recent()
         if apart:
             kind = self.batch_kind(kind)
         slot = (kind, key)
