@@ -113,10 +113,16 @@ class GradientTimesInput(InputGradientExplainer):
 
 
 def mean_input_gradient(
-    model: LoadedModel, rows: np.ndarray, target: int, done: int = 0, all_rows: int = 0
+    model: LoadedModel,
+    rows: np.ndarray,
+    target: int,
+    done: int = 0,
+    all_rows: int = 0,
+    row_weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """The gradient of `target` at each row of `rows`, averaged, channels first (C, H, W).
 
+    `row_weights` (shaped like `rows`) multiply each row's gradient before the mean.
     Progress counts rows: `done` of `all_rows` (default: just these rows) came before.
     """
     key = GraphKey(layer=None, wrt_input=True, guided=False, top_k_seeds=False)
@@ -130,7 +136,10 @@ def mean_input_gradient(
         seeds = seeds_for([target] * chunk.shape[0], model.num_classes)
         run = model.gradients.run(key, model.input_name, chunk, seeds=seeds, batch_work=True)
         assert run.grad_input is not None
-        chunk_sum = run.grad_input.astype(np.float64).sum(axis=0)
+        grads = run.grad_input
+        if row_weights is not None:
+            grads = grads * row_weights[start : start + per_run]
+        chunk_sum = grads.astype(np.float64).sum(axis=0)
         total = chunk_sum if total is None else total + chunk_sum
         progress.report(done + start + chunk.shape[0], all_rows)
     assert total is not None
@@ -139,11 +148,16 @@ def mean_input_gradient(
     return averaged
 
 
-def mean_gradients(model: LoadedModel, rows: np.ndarray, targets: list[int]) -> list[np.ndarray]:
+def mean_gradients(
+    model: LoadedModel,
+    rows: np.ndarray,
+    targets: list[int],
+    row_weights: np.ndarray | None = None,
+) -> list[np.ndarray]:
     """`mean_input_gradient` for each target, with one progress count over all of them."""
     count = rows.shape[0]
     return [
-        mean_input_gradient(model, rows, target, i * count, count * len(targets))
+        mean_input_gradient(model, rows, target, i * count, count * len(targets), row_weights)
         for i, target in enumerate(targets)
     ]
 
@@ -239,24 +253,7 @@ class GradientShap(InputGradientExplainer):
         differences = (noisy - baseline).astype(np.float32)
         shape = (-1,) + (1,) * (tensor.ndim - 1)
         rows = (baseline + alphas.reshape(shape) * differences).astype(np.float32)
-        key = GraphKey(layer=None, wrt_input=True, guided=False, top_k_seeds=False)
-        per_run = model.rows_per_run(CHUNK_ROWS, model.gradients.activation_bytes)
-        totals = np.zeros((len(chosen), *tensor.shape[1:]), dtype=np.float64)
-        total_rows, done = len(chosen) * rows.shape[0], 0
-        for index, target in enumerate(chosen):
-            for start in range(0, rows.shape[0], per_run):
-                chunk = rows[start : start + per_run]
-                seeds = seeds_for([target] * chunk.shape[0], model.num_classes)
-                run = model.gradients.run(
-                    key, model.input_name, chunk, seeds=seeds, batch_work=True
-                )
-                assert run.grad_input is not None
-                products = run.grad_input * differences[start : start + per_run]
-                totals[index] += products.astype(np.float64).sum(axis=0)
-                done += chunk.shape[0]
-                progress.report(done, total_rows)
-        means = channels_first(totals / rows.shape[0], model.channel_axis)
-        return probabilities, chosen, list(means)
+        return probabilities, chosen, mean_gradients(model, rows, chosen, differences)
 
 
 def gradient_shap_points(
