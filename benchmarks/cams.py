@@ -25,9 +25,9 @@ from benchmarks.common import default_model_folder, interleaved_medians_ms
 from engines.graphs.prepared import GraphKey
 from engines.imaging.decode import preprocess
 from engines.methods.forward_cam import AblationCam, ScoreCam
-from engines.methods.pipeline import WorkLimits, seeds_for
+from engines.methods.pipeline import WorkLimits, baseline_tensor, seeds_for
 from engines.methods.registry import EXPLAINERS
-from engines.methods.saliency import CHUNK_ROWS, baseline_tensor
+from engines.methods.saliency import CHUNK_ROWS
 from engines.models.loaded import LoadedModel
 from engines.runtime.session import RuntimeOptions
 from schemas.params import GradientShapParams

@@ -394,7 +394,8 @@ def test_deeplift_differs_from_gradient_times_input_where_a_relu_is_crossed(
 
 def test_deeplift_is_complete_on_the_default_model(default_model_dir: Path) -> None:
     from engines.imaging.decode import preprocess
-    from engines.methods.saliency import DeepLift, baseline_tensor
+    from engines.methods.pipeline import baseline_tensor
+    from engines.methods.saliency import DeepLift
     from schemas.params import DeepLiftParams
 
     model = LoadedModel(MODEL, default_model_dir / MODEL, CPU)

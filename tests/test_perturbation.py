@@ -20,8 +20,7 @@ from engines.errors import InvalidParameters, TooMuchWork
 from engines.imaging.decode import fit_to_input, preprocess, to_pixels
 from engines.methods.metrics import faithfulness
 from engines.methods.occlusion import ACTIVATION_FACTOR
-from engines.methods.perturbation import baseline_tensor
-from engines.methods.pipeline import TargetMap, WorkLimits
+from engines.methods.pipeline import TargetMap, WorkLimits, baseline_tensor
 from engines.methods.registry import EXPLAINERS
 from engines.methods.rise import rise_masks
 from engines.methods.superpixels import KernelShap, Lime, segment

@@ -18,7 +18,7 @@ import numpy as np
 
 from engines.errors import InvalidParameters
 from engines.imaging.decode import normalize_fitted
-from engines.methods.occlusion import batch_size, job_slot
+from engines.methods.occlusion import copies_per_run, job_slot
 from engines.methods.pipeline import WorkLimits
 from engines.models.loaded import LoadedModel
 from engines.runtime import progress
@@ -84,12 +84,7 @@ def faithfulness(
     order = pixel_order(heatmap)
     counts = changed_counts(height * width, steps)
     fractions = np.arange(steps + 1, dtype=np.float64) / steps
-    rows_per_batch = model.rows_per_run(
-        progress.rows_per_report(
-            batch_size(pixels.nbytes * 4, limits.memory_budget_bytes), steps + 1
-        ),
-        model.activation_bytes,
-    )
+    rows_per_batch = copies_per_run(model, pixels.nbytes * 4, steps + 1, limits)
     curves: dict[MetricKind, Curve] = {}
     with job_slot(limits.concurrent_jobs):
         for kind in kinds:

@@ -19,11 +19,19 @@ from typing import ClassVar
 
 import numpy as np
 
-from engines.errors import DeadlineExceeded, InvalidParameters, TooMuchWork, UnsupportedModel
+from engines.errors import DeadlineExceeded, InvalidParameters, UnsupportedModel
 from engines.graphs import occlusion as occlusion_graph
 from engines.graphs.incremental import Crop, CutPlan
-from engines.imaging.decode import blur_tensor, preprocess
-from engines.methods.pipeline import Explained, Explainer, TargetMap, WorkLimits, clean_targets
+from engines.methods.pipeline import (
+    Explained,
+    Explainer,
+    TargetMap,
+    WorkLimits,
+    baseline_tensor,
+    check_passes,
+    class_scorer,
+    clean_targets,
+)
 from engines.models.layers import LayerInfo
 from engines.models.loaded import LoadedModel
 from engines.runtime import progress
@@ -183,6 +191,13 @@ def batch_size(input_bytes: int, budget_bytes: int) -> int:
     # budget covers both, so a batch never balloons the process.
     per_image = input_bytes * ACTIVATION_FACTOR
     return int(max(1, min(MAX_BATCH, budget_bytes // per_image)))
+
+
+def copies_per_run(model: LoadedModel, input_bytes: int, passes: int, limits: WorkLimits) -> int:
+    """Rows of one run of a job of `passes` input copies of `input_bytes` each: what the budget
+    allows, what it has free now, and few enough for a listener's progress reports."""
+    most = batch_size(input_bytes, limits.memory_budget_bytes)
+    return model.rows_per_run(progress.rows_per_report(most, passes), model.activation_bytes)
 
 
 class Occlusion(Explainer):
@@ -398,12 +413,9 @@ class Occlusion(Explainer):
         tops = window_starts(height, window, params.stride)
         lefts = window_starts(width, window, params.stride)
         passes = len(tops) * len(lefts)
-        allowed = min(limits.max_passes, params.max_passes or limits.max_passes)
-        if passes > allowed:
-            raise TooMuchWork(
-                f"window {window} with stride {params.stride} needs {passes} passes; "
-                f"the limit is {allowed}"
-            )
+        check_passes(
+            passes, limits, params.max_passes, f"window {window} with stride {params.stride}"
+        )
         grid = np.meshgrid(tops, lefts, indexing="ij")
         grid_tops, grid_lefts = grid[0].ravel(), grid[1].ravel()
         # Waiting requests hold no copies: at most `concurrent_jobs` run at once.
@@ -416,12 +428,7 @@ class Occlusion(Explainer):
                 clean = model.forward(tensor)[:, targets]
             else:
                 clean = self.scorer(model, params)(tensor)
-            batch = model.rows_per_run(
-                progress.rows_per_report(
-                    batch_size(tensor[0].nbytes, limits.memory_budget_bytes), passes
-                ),
-                model.activation_bytes,
-            )
+            batch = copies_per_run(model, tensor[0].nbytes, passes, limits)
             sweep = _Sweep(params, targets, clean, batch)
             score_windows, _ = self.window_scorer(model, tensor, params, batch, (tops, lefts))
             if params.mode == "fast":
@@ -437,27 +444,12 @@ class Occlusion(Explainer):
 
     @staticmethod
     def baseline(model: LoadedModel, tensor: np.ndarray, params: OcclusionParams) -> np.ndarray:
-        spec = model.config.input
-        channel_axis = model.channel_axis
-        spatial = tuple(a for a in range(1, tensor.ndim) if a != channel_axis)
-        if params.baseline == "mean":
-            mean: np.ndarray = tensor.mean(axis=spatial, keepdims=True)
-            return mean
-        if params.baseline == "blur":
-            return blur_tensor(tensor, channel_axis, max(spec.height, spec.width) / 20)
-        pixels = np.full((spec.height, spec.width, 3), params.value, dtype=np.uint8)
-        return preprocess([pixels], spec)
+        return baseline_tensor(model, tensor, params.baseline, params.value)
 
     @staticmethod
     def scorer(model: LoadedModel, params: OcclusionParams) -> Scorer:
-        if params.score == "probability":
-
-            def probability_score(batch: np.ndarray) -> np.ndarray:
-                return model.to_probabilities(model.forward_batch(batch))
-
-            return probability_score
-        if params.score == "logit":
-            return model.forward_batch
+        if params.score != "feature_dip":
+            return class_scorer(model, params.score)
         layer = Occlusion.feature_layer(model, params)
 
         def feature_dip_score(batch: np.ndarray) -> np.ndarray:

@@ -5,13 +5,18 @@ names to instances.
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel
 
+from engines.errors import TooMuchWork
+from engines.imaging.decode import blur_tensor, preprocess
 from engines.models.loaded import LoadedModel
+
+BASELINE_PIXELS = {"black": 0, "grey": 128, "white": 255}
 
 
 @dataclass(frozen=True)
@@ -84,3 +89,36 @@ def targets_or_top(
 
 def spatial_size(model: LoadedModel) -> tuple[int, int]:
     return model.config.input.height, model.config.input.width
+
+
+def check_passes(passes: int, limits: WorkLimits, requested: int | None, what: str) -> None:
+    """Refuse work of more passes than the settings, or the request itself, allow."""
+    allowed = min(limits.max_passes, requested or limits.max_passes)
+    if passes > allowed:
+        raise TooMuchWork(f"{what} needs {passes} passes; the limit is {allowed}")
+
+
+def class_scorer(model: LoadedModel, score: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A batch of input tensors -> (B, classes): `probability` or `logit`, as batch work."""
+    if score == "probability":
+        return lambda batch: model.to_probabilities(model.forward_batch(batch))
+    return model.forward_batch
+
+
+def baseline_tensor(
+    model: LoadedModel, tensor: np.ndarray, kind: str, value: int = 128
+) -> np.ndarray:
+    """A reference input beside `tensor` (1, ...), broadcastable against it: `zeros` (the
+    input tensor 0), `mean` (the image's mean colour), `blur` (a blurred copy), or a constant
+    pixel value: `constant` (`value`), `black`, `grey`, `white`."""
+    spec = model.config.input
+    if kind == "zeros":
+        return np.zeros_like(tensor)
+    if kind == "mean":
+        spatial = tuple(a for a in range(1, tensor.ndim) if a != model.channel_axis)
+        mean: np.ndarray = tensor.mean(axis=spatial, keepdims=True)
+        return mean
+    if kind == "blur":
+        return blur_tensor(tensor, model.channel_axis, max(spec.height, spec.width) / 20)
+    pixel = BASELINE_PIXELS.get(kind, value)
+    return preprocess([np.full((spec.height, spec.width, 3), pixel, dtype=np.uint8)], spec)

@@ -11,13 +11,16 @@ from typing import ClassVar
 import cv2
 import numpy as np
 
-from engines.methods.perturbation import (
-    Masks,
+from engines.methods.perturbation import Masks, score_masked_copies
+from engines.methods.pipeline import (
+    Explained,
+    Explainer,
+    TargetMap,
+    WorkLimits,
     baseline_tensor,
     check_passes,
-    score_masked_copies,
+    clean_targets,
 )
-from engines.methods.pipeline import Explained, Explainer, TargetMap, WorkLimits, clean_targets
 from engines.models.loaded import LoadedModel
 from schemas.params import RiseParams
 

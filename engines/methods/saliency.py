@@ -10,13 +10,13 @@ import numpy as np
 from pydantic import BaseModel
 
 from engines.graphs.prepared import GraphKey
-from engines.imaging.decode import blur_tensor, preprocess
 from engines.methods.cam import GradCam, channels_first
 from engines.methods.pipeline import (
     Explained,
     Explainer,
     TargetMap,
     WorkLimits,
+    baseline_tensor,
     clean_targets,
     seeds_for,
 )
@@ -266,18 +266,6 @@ def gradient_shap_points(
     if stdevs > 0:
         noisy = noisy + rng.normal(0.0, stdevs, size=noisy.shape).astype(np.float32)
     return alphas, noisy
-
-
-def baseline_tensor(model: LoadedModel, tensor: np.ndarray, kind: str) -> np.ndarray:
-    """A baseline input tensor: a pixel-space one (`black`, `white`, `grey`, `blur`) or zeros."""
-    if kind == "zeros":
-        return np.zeros_like(tensor)
-    value = {"black": 0.0, "white": 255.0, "grey": 128.0, "blur": None}[kind]
-    spec = model.config.input
-    if value is None:
-        return blur_tensor(tensor, model.channel_axis, max(spec.height, spec.width) / 20)
-    pixels = np.full((spec.height, spec.width, 3), value, dtype=np.float32)
-    return preprocess([pixels.astype(np.uint8)], spec)
 
 
 class GuidedGradCam(Explainer):

@@ -22,8 +22,16 @@ import numpy as np
 
 from engines.errors import InvalidParameters
 from engines.imaging.decode import to_pixels
-from engines.methods.perturbation import baseline_tensor, check_passes, score_masked_copies
-from engines.methods.pipeline import Explained, Explainer, TargetMap, WorkLimits, clean_targets
+from engines.methods.perturbation import score_masked_copies
+from engines.methods.pipeline import (
+    Explained,
+    Explainer,
+    TargetMap,
+    WorkLimits,
+    baseline_tensor,
+    check_passes,
+    clean_targets,
+)
 from engines.models.loaded import LoadedModel
 from schemas.params import KernelShapParams, LimeParams, SuperpixelParams
 
