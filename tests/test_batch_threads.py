@@ -46,6 +46,15 @@ def image() -> np.ndarray:
     return np.random.default_rng(3).integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
 
 
+def wait_until_quiet() -> None:
+    """Batch work widens only while no other request's short run is recent: requests of the
+    tests before (other threads, their own deadlines) must have ended first."""
+    deadline = time.monotonic() + 10
+    while contention.SHORT_RUNS.recent():
+        assert time.monotonic() < deadline, "short runs of other requests did not stop"
+        time.sleep(contention.QUIET_SECONDS)
+
+
 def runs(model: LoadedModel) -> tuple[int, int]:
     """Runs so far on the short requests' sessions and on batch work's own."""
     counts = model.sessions.runs()
@@ -67,6 +76,7 @@ def test_a_long_method_runs_on_the_batch_session_with_the_same_result(
     explainer = EXPLAINERS[method]
     params: BaseModel = explainer.params_model(**LONG_METHODS[method])
     tensor = preprocess([image()], apart.config.input)
+    wait_until_quiet()
     short_before, batch_before = runs(apart)
     result = explainer.explain(apart, tensor, [1], 1, params)
     short_after, batch_after = runs(apart)
@@ -83,6 +93,7 @@ def test_deletion_and_insertion_curves_run_on_the_batch_session(
 ) -> None:
     apart, together = models
     heatmap = np.random.default_rng(4).random((SIZE, SIZE))
+    wait_until_quiet()
     short_before, batch_before = runs(apart)
     curves = faithfulness(apart, image(), heatmap, 1, ("deletion", "insertion"), steps=8)
     short_after, batch_after = runs(apart)
@@ -99,6 +110,7 @@ def test_batch_sessions_have_the_batch_threads_and_equal_threads_build_none(
 ) -> None:
     apart, together = models
     tensor = preprocess([image()], apart.config.input)
+    wait_until_quiet()
     EXPLAINERS["smoothgrad"].explain(apart, tensor, [0], 1, EXPLAINERS["smoothgrad"].params_model())
     assert apart.session.intra_op_threads == 1
     key = GraphKey(None, wrt_input=True, guided=False, top_k_seeds=False, paired=True)
