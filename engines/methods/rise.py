@@ -22,6 +22,7 @@ from engines.methods.pipeline import (
     clean_targets,
 )
 from engines.models.loaded import LoadedModel
+from engines.runtime.blas import single_threaded_blas
 from schemas.params import RiseParams
 
 CV_MAX_CHANNELS = 128  # the planes cv2.resize takes at once (OpenCV 5; 4.x takes 512)
@@ -78,11 +79,8 @@ class Rise(Explainer):
 
         def add(start: int, keep: np.ndarray, scores: np.ndarray) -> None:
             weights = scores[:, targets].T.astype(np.float32)
-            # einsum's own loop, not BLAS: OpenBLAS's threads would spin on past the product
-            # and slow the next forward run on the cores they share with onnxruntime.
-            sums[...] += np.einsum(
-                "tb,bp->tp", weights, keep.reshape(keep.shape[0], -1), optimize=False
-            )
+            with single_threaded_blas():
+                sums[...] += weights @ keep.reshape(keep.shape[0], -1)
 
         score_masked_copies(
             model,
