@@ -19,13 +19,23 @@ BATCH = "batch"
 
 
 @dataclass(frozen=True)
-class Suffix:
-    model: onnx.ModelProto
-    """Inputs: the layer, then `boundary`; output: the model's output."""
+class SuffixReads:
+    """What a run of the part after a layer needs besides the layer's values."""
+
     boundary: tuple[str, ...]
     """Tensors from before the layer that the part reads besides it."""
     activation_bytes: int
     """What one row's run computes (estimated)."""
+
+
+@dataclass(frozen=True)
+class Suffix(SuffixReads):
+    model: onnx.ModelProto
+    """Inputs: the layer, then `boundary`; output: the model's output."""
+
+    @property
+    def reads(self) -> SuffixReads:
+        return SuffixReads(self.boundary, self.activation_bytes)
 
 
 def _free_batch(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
@@ -81,4 +91,4 @@ def build_suffix_model(model: onnx.ModelProto, layer: str, output: str) -> Suffi
     result = onnx.ModelProto()
     result.CopyFrom(model)
     result.graph.CopyFrom(suffix_graph)
-    return Suffix(result, boundary, activation_bytes(result))
+    return Suffix(boundary, activation_bytes(result), result)

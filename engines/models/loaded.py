@@ -18,7 +18,7 @@ from engines.graphs.normalize import BatchMode, Normalized, fixed_batch_of_one, 
 from engines.graphs.prepared import GradientGraphs
 from engines.graphs.shapes import with_shapes
 from engines.graphs.sizes import activation_bytes
-from engines.graphs.suffix import Suffix, build_suffix_model
+from engines.graphs.suffix import SuffixReads, build_suffix_model
 from engines.imaging.decode import preprocess
 from engines.models.layers import LayerInfo, spatial_layers
 from engines.runtime.batcher import BatchPolicy, MicroBatcher
@@ -219,7 +219,9 @@ class LoadedModel:
             batch_policy=batch_policy,
             on_batch=on_batch,
         )
-        self._suffixes: dict[str, Suffix] = {}
+        # Per layer (so bounded by the layers): the suffix's graph itself, which holds weights,
+        # lives only in its session, under the memory budget.
+        self._suffixes: dict[str, SuffixReads] = {}
         self._suffix_lock = threading.Lock()
         self._forward_batcher = (
             None
@@ -395,13 +397,13 @@ class LoadedModel:
             return [np.concatenate(parts) for parts in zip(*rows, strict=True)]
         return list(session.run({self.input_name: batch}, list(names)))
 
-    def suffix(self, layer: str) -> Suffix:
-        """The part of the graph after `layer` (engines.graphs.suffix), built once."""
+    def suffix(self, layer: str) -> SuffixReads:
+        """What the part of the graph after `layer` (engines.graphs.suffix) reads."""
         self.gradients.check_layer(layer)
         with self._suffix_lock:
             found = self._suffixes.get(layer)
             if found is None:
-                found = build_suffix_model(self.graph, layer, self.output_name)
+                found = build_suffix_model(self.graph, layer, self.output_name).reads
                 self._suffixes[layer] = found
             return found
 
@@ -410,9 +412,11 @@ class LoadedModel:
         clean values (batch of 1) of what the part after the layer also reads. Batch work
         (Ablation-CAM's copies): it runs with the batch threads."""
         suffix = self.suffix(layer)
-        session = self.sessions.get(
-            "suffix", layer, lambda: suffix.model, suffix.activation_bytes, batch_work=True
-        )
+
+        def make() -> onnx.ModelProto:
+            return build_suffix_model(self.graph, layer, self.output_name).model
+
+        session = self.sessions.get("suffix", layer, make, suffix.activation_bytes, batch_work=True)
         count = rows.shape[0]
         per_run = 1 if self.one_row_per_run else count
         outputs = []
