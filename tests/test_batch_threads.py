@@ -154,6 +154,10 @@ def test_batch_work_leaves_the_cores_to_a_short_request_that_is_running(
         _, batch_before = runs(apart)
         occlusion.explain(apart, tensor, [1], 1, params)
         assert runs(apart)[1] == batch_before
+        # Batch work's forward runs go to the forward session itself, not to a second copy.
+        apart.forward_batch(np.repeat(tensor, 3, axis=0))
+        assert runs(apart)[1] == batch_before
+        assert not apart.sessions.resident("forward", None)
     finally:
         release.set()
         other.join()

@@ -304,11 +304,10 @@ class LoadedModel:
         and insertion curves): on a session with the batch threads when they differ from the
         short requests' (the weights are shared), else on the forward session. On CUDA threads
         do not matter and weights are not shared: it is the forward session."""
-        if not self.sessions.batches_apart or self.session.provider != "CPUExecutionProvider":
+        # Otherwise the forward session itself, never a second copy of it under `sessions`.
+        if self.session.provider != "CPUExecutionProvider" or not self.sessions.widens_batch_work():
             return self.forward(batch)
-        session = self.sessions.get(
-            "forward", None, lambda: self.graph, self.activation_bytes, batch_work=True
-        )
+        session = self.sessions.wide("forward", None, lambda: self.graph, self.activation_bytes)
         output = self._run(session, batch, self.output_name)
         return output.reshape(output.shape[0], -1)
 

@@ -231,6 +231,12 @@ class ModelSessions:
             "CPUExecutionProvider"
         ]
 
+    def widens_batch_work(self) -> bool:
+        """Whether this run of batch work goes to batch work's own sessions now: they run apart
+        and no other request's short run needs the cores. Marks the request as batch work."""
+        contention.mark_batch_work()
+        return self.batches_apart and not contention.SHORT_RUNS.recent()
+
     @staticmethod
     def batch_kind(kind: str) -> str:
         """The kind under which batch work's session of `kind` is kept when it runs apart."""
@@ -255,11 +261,32 @@ class ModelSessions:
         second session of the same graph (its weights shared), kept as `batch_kind(kind)`,
         while no short run needs the cores (engines.runtime.contention); otherwise the one
         session of `(kind, key)`."""
-        if batch_work:
-            contention.mark_batch_work()
-        apart = batch_work and self.batches_apart and not contention.SHORT_RUNS.recent()
-        if apart:
-            kind = self.batch_kind(kind)
+        if batch_work and self.widens_batch_work():
+            return self.wide(kind, key, make, activation_bytes, seeds)
+        return self._get(kind, key, make, activation_bytes, seeds, self.options)
+
+    def wide(
+        self,
+        kind: str,
+        key: Hashable,
+        make: Callable[[], GraphSource],
+        activation_bytes: int,
+        seeds: Collection[str] = (),
+    ) -> ModelSession:
+        """Batch work's own session of `(kind, key)`, with the batch threads (for a caller
+        that `widens_batch_work` said yes to)."""
+        options = self.options.for_batches()
+        return self._get(self.batch_kind(kind), key, make, activation_bytes, seeds, options)
+
+    def _get(
+        self,
+        kind: str,
+        key: Hashable,
+        make: Callable[[], GraphSource],
+        activation_bytes: int,
+        seeds: Collection[str],
+        options: RuntimeOptions,
+    ) -> ModelSession:
         slot = (kind, key)
         with self._lock:
             found = self._sessions.get(slot)
@@ -276,7 +303,6 @@ class ModelSessions:
             with self.budget.build_slot(kind):
                 source = make()
                 work = RunMemory(self.budget, activation_bytes)
-                options = self.options.for_batches() if apart else self.options
                 built = build_session(
                     source, options, self.weights, arena=False, work=work, seeds=seeds
                 )
