@@ -14,7 +14,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from engines.errors import TooMuchWork
 from engines.methods.cam import channels_first, rectified_map, resolve_layer
 from engines.methods.occlusion import batch_size, job_slot
 from engines.methods.pipeline import (
@@ -22,6 +21,7 @@ from engines.methods.pipeline import (
     Explainer,
     TargetMap,
     WorkLimits,
+    check_passes,
     spatial_size,
     targets_or_top,
 )
@@ -67,14 +67,13 @@ class ForwardCam(Explainer):
     ) -> Explained:
         layer = model.layer(resolve_layer(model, params))
         declared = layer.shape[layer.channel_axis]
-        allowed = min(limits.max_passes, params.max_passes or limits.max_passes)
         if isinstance(declared, int):
-            self.check_passes(layer, declared, allowed)
+            self.check_channels(layer, declared, limits, params)
         with job_slot(limits.concurrent_jobs):
             context = self.prepare(model, tensor, layer)
             activation, outputs = context[0], context[1]
             passes = activation.shape[layer.channel_axis]
-            self.check_passes(layer, passes, allowed)
+            self.check_channels(layer, passes, limits, params)
             probabilities = model.to_probabilities(outputs.reshape(1, -1))[0]
             chosen = targets_or_top(model, probabilities, targets, top_k)
             clean = outputs.reshape(-1)[chosen].astype(np.float64)
@@ -95,11 +94,12 @@ class ForwardCam(Explainer):
         return Explained(probabilities, maps)
 
     @staticmethod
-    def check_passes(layer: LayerInfo, passes: int, allowed: int) -> None:
-        if passes > allowed:
-            raise TooMuchWork(
-                f"layer {layer.name!r} has {passes} channels, one pass each; the limit is {allowed}"
-            )
+    def check_channels(
+        layer: LayerInfo, channels: int, limits: WorkLimits, params: ForwardCamParams
+    ) -> None:
+        """One pass a channel, before the clean run when the graph declares the channels."""
+        what = f"layer {layer.name!r} with {channels} channels (one pass each)"
+        check_passes(channels, limits, params.max_passes, what)
 
     def prepare(self, model: LoadedModel, tensor: np.ndarray, layer: LayerInfo) -> list[np.ndarray]:
         """The clean run: the layer's activation, the raw output, and what the passes need."""
