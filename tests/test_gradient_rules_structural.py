@@ -194,6 +194,18 @@ CASES = [
         {"shape": ints(1, 1, 4, 5)},
     ),
     Case("expand_shorter_shape", (1, 4), (node("Expand", ["x", "shape"]),), {"shape": ints(3, 4)}),
+    # ECA's gate.expand_as(features): the shape is computed at run time, from a batched tensor.
+    Case(
+        "expand_to_computed_shape",
+        (3, 1, 1),
+        (
+            node("Add", ["x", "plane"], "wide"),
+            node("Shape", ["wide"], "wide_shape"),
+            node("Expand", ["x", "wide_shape"], "gate"),
+            node("Mul", ["wide", "gate"]),
+        ),
+        {"plane": np.random.default_rng(7).standard_normal((1, 3, 4, 5)).astype(np.float32)},
+    ),
     Case("tile", (2, 3, 4), (node("Tile", ["x", "repeats"]),), {"repeats": ints(1, 2, 1, 3)}),
     # Resize: modes, coordinate transformations, nearest modes, scales and sizes, opsets
     resize_case(

@@ -230,6 +230,8 @@ def expand(ctx: NodeGrad) -> Grads:
     ctx.only_first_input()
     x = ctx.node.input[0]
     x_dims = ctx.static_dims(x)
+    if ctx.info.constant(ctx.input(1)) is None:
+        return first_input_grad(ctx, _expand_to_computed_shape(ctx, x, x_dims))
     shape = _ints(_constant(ctx, 1, "shape"))
     if len(shape) > len(x_dims):
         raise ctx.fail("it adds leading axes, which moves the batch axis")
@@ -238,6 +240,18 @@ def expand(ctx: NodeGrad) -> Grads:
         raise ctx.fail("it may expand the batch axis")
     out_dims = (None, *(max(d, s) for d, s in zip(x_dims[1:], shape[1:], strict=True)))
     return first_input_grad(ctx, unbroadcast(ctx, ctx.grad, out_dims, x))
+
+
+def _expand_to_computed_shape(ctx: NodeGrad, x: str, x_dims: tuple[int, ...]) -> str:
+    """Expand to a shape computed at run time (`y.expand_as(x)`, as in ECA and other
+    attention blocks): the output's inferred shape says which axes were broadcast, provided
+    the batch axis is provably the input's own (the same symbol or size)."""
+    out = ctx.dims(ctx.node.output[0])
+    if len(out) != len(x_dims) or not all(isinstance(d, int) for d in out[1:]):
+        raise ctx.fail("its shape is not a constant, and the output's shape is not static")
+    if out[0] is None or out[0] != ctx.dims(x)[0]:
+        raise ctx.fail("its shape is not a constant, and it may expand the batch axis")
+    return unbroadcast(ctx, ctx.grad, (None, *out[1:]), x)
 
 
 def tile(ctx: NodeGrad) -> Grads:
