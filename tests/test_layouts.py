@@ -17,6 +17,7 @@ from engines.methods.occlusion import Occlusion
 from engines.models.layers import spatial_layers
 from engines.models.loaded import LoadedModel
 from engines.runtime.session import RuntimeOptions
+from schemas.model_config import InputSpec
 from schemas.params import OcclusionParams
 from tests.conftest import make_client
 from tests.images import encode
@@ -390,3 +391,39 @@ def test_a_channel_past_the_layers_own_channel_count_is_refused(client: TestClie
     )
     assert response.status_code == 422, response.text
     assert "out of range" in response.json()["error"]["message"]
+
+
+def test_a_residual_sum_with_a_branch_of_unknown_layout_takes_the_known_ones() -> None:
+    """x + f(x) where f went through a Reshape (GroupNorm as dynamo exports it): the sum's axes
+    are the Conv output's, so it is an NCHW layer, and the last one (the default)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(CHANNELS, 3, 1, 1)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([0, 1, -1], np.int64), "grouped"),
+        numpy_helper.from_array(np.array([0, CHANNELS, SIZE, SIZE], np.int64), "back"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv"]),
+        helper.make_node("Reshape", ["conv", "grouped"], ["flat"]),
+        helper.make_node("InstanceNormalization", ["flat", "s", "b"], ["normed"]),
+        helper.make_node("Reshape", ["normed", "back"], ["branch"]),
+        helper.make_node("Add", ["conv", "branch"], ["residual"]),
+        helper.make_node("GlobalAveragePool", ["residual"], ["pooled"]),
+    ]
+    inits += [
+        numpy_helper.from_array(np.ones(1, np.float32), "s"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", CHANNELS, 1, 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    layers = spatial_layers(model, InputSpec(name="x", height=SIZE, width=SIZE))
+    assert [(layer.name, layer.layout) for layer in layers] == [
+        ("conv", "NCHW"),
+        ("residual", "NCHW"),
+    ]

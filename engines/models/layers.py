@@ -153,15 +153,18 @@ def _output_layout(
         inputs = list(node.input)
     else:
         return None
-    # Constants broadcast against the data; other tensors of rank other than 4 do too.
+    # Constants broadcast against the data; other tensors of rank other than 4 do too. The
+    # output's axes line up with every 4-D input's, so one input of a known layout tells it
+    # (a residual sum whose other branch went through a Reshape, as GroupNorm exports do).
     seen = {
         layouts.get(name)
         for name in inputs
         if name and name not in constants and ranks.get(name, 4) == 4
     }
-    if len(seen) != 1:
+    known = seen - {None}
+    if len(known) != 1:
         return None
-    (layout,) = seen
+    (layout,) = known
     return layout
 
 
