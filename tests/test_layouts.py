@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engines.imaging.decode import preprocess
 from engines.methods.occlusion import Occlusion
-from engines.models.layers import spatial_layers
+from engines.models.layers import default_layer, spatial_layers
 from engines.models.loaded import LoadedModel
 from engines.runtime.session import RuntimeOptions
 from schemas.model_config import InputSpec
@@ -427,3 +427,39 @@ def test_a_residual_sum_with_a_branch_of_unknown_layout_takes_the_known_ones() -
         ("conv", "NCHW"),
         ("residual", "NCHW"),
     ]
+
+
+@pytest.mark.parametrize(("kernel", "expected"), [(1, "features"), (3, "scores")])
+def test_a_classifying_1x1_conv_is_not_the_default_layer(kernel: int, expected: str) -> None:
+    """SqueezeNet classifies with a 1x1 Conv into one channel per class before pooling: those
+    are class-score maps, and Grad-CAM's default is the feature map the Conv reads. A wider
+    kernel is an ordinary last layer."""
+    classes = 5
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(CHANNELS, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(
+            rng.normal(size=(classes, CHANNELS, kernel, kernel)).astype(np.float32), "w2"
+        ),
+    ]
+    pad = [kernel // 2] * 4
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["features"]),
+        helper.make_node("Conv", ["features", "w2"], ["class_maps"], pads=pad),
+        helper.make_node("Relu", ["class_maps"], ["scores"]),
+        helper.make_node("GlobalAveragePool", ["scores"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "squeeze",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    layers = spatial_layers(model, InputSpec(name="x", height=SIZE, width=SIZE))
+    assert layers[-1].name == "scores"
+    assert default_layer(model, layers, classes) == expected
+    assert default_layer(model, layers, classes + 1) == "scores"

@@ -61,7 +61,7 @@ _TORCH_ARCHS = [
     "upsample-cnn",
 ]
 _DYNAMO_ONLY = ["timm-efficientnet_b0", "timm-mixnet_s", "timm-resnest14d"]
-EXPORTS = [
+_LISTED = [
     *(f"{arch}-{exporter}" for arch in _TORCH_ARCHS for exporter in ("dynamo", "torchscript")),
     *(f"{arch}-dynamo" for arch in _DYNAMO_ONLY),
     "plain-cnn-torchscript-fixed-batch",
@@ -71,6 +71,12 @@ EXPORTS = [
     "keras-small-cnn",
     "keras-mobilenet_v2",
 ]
+# A prebuilt folder is checked whole, whatever it holds (e.g. `export.py OUT --extra`).
+EXPORTS = (
+    sorted(json.loads((Path(PREBUILT) / "manifest.json").read_text())["exports"])
+    if PREBUILT
+    else _LISTED
+)
 CAM_FAMILY = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "guided_gradcam"]
 # Gradient-free black-box methods only call the forward pass, whose agreement with torch
 # test_prediction checks on every export; their own answers are checked on hand-built graphs

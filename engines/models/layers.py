@@ -201,3 +201,35 @@ def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
             if all(isinstance(d, int) and d > 1 for d in extent):
                 layers.append(info)
     return layers
+
+
+# Ops between a classifying Conv and the global pooling that leave its channels class scores.
+_CLASS_MAP_OPS = frozenset({"Relu", "Clip", "Dropout", "Identity", "Softmax", "Sigmoid"})
+
+
+def default_layer(model: onnx.ModelProto, layers: list[LayerInfo], classes: int) -> str | None:
+    """Grad-CAM's layer when none is asked for: the last spatial feature map.
+
+    A network that classifies with a 1x1 Conv into one channel per class before pooling
+    (SqueezeNet, network-in-network) has class-score maps there, not features: the feature
+    map is what that Conv reads."""
+    if not layers:
+        return None
+    last = layers[-1]
+    producers = {output: node for node in model.graph.node for output in node.output}
+    constants = {init.name: init for init in model.graph.initializer}
+    listed = {layer.name for layer in layers}
+    node = producers.get(last.name)
+    while node is not None and node.op_type in _CLASS_MAP_OPS and node.input:
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "Conv" or len(node.input) < 2:
+        return last.name
+    weight = constants.get(node.input[1])
+    classifying = (
+        weight is not None
+        and len(weight.dims) == 4
+        and list(weight.dims[2:]) == [1, 1]
+        and weight.dims[0] == classes
+        and int(node_attribute(node, "group", 1)) == 1
+    )
+    return node.input[0] if classifying and node.input[0] in listed else last.name

@@ -20,7 +20,7 @@ from engines.graphs.shapes import with_shapes
 from engines.graphs.sizes import activation_bytes
 from engines.graphs.suffix import SuffixReads, build_suffix_model
 from engines.imaging.decode import preprocess
-from engines.models.layers import LayerInfo, spatial_layers
+from engines.models.layers import LayerInfo, default_layer, spatial_layers
 from engines.runtime.batcher import BatchPolicy, MicroBatcher
 from engines.runtime.memory import MemoryBudget
 from engines.runtime.session import ModelSession, RuntimeOptions
@@ -187,6 +187,7 @@ class LoadedModel:
         self.batch_mode = normalized.batch
         self.graph_sha256 = hashlib.sha256(graph_bytes).hexdigest()
         self.layers: list[LayerInfo] = spatial_layers(self.graph, self.config.input)
+        self._default_layer = default_layer(self.graph, self.layers, self.num_classes)
         self.activation_bytes = activation_bytes(self.graph)
         """What one image's forward run computes (estimated); gradient graphs hold about twice."""
         self.cost_bytes = self.weights.bytes + forward.cost_bytes + self.activation_bytes
@@ -255,7 +256,7 @@ class LoadedModel:
 
     @property
     def default_layer(self) -> str | None:
-        return self.layers[-1].name if self.layers else None
+        return self._default_layer
 
     @property
     def num_classes(self) -> int:

@@ -362,6 +362,84 @@ def torch_archs() -> list[Arch]:
     ]
 
 
+def _resnet_features(model: Any, x: Tensor) -> Tensor:
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    out: Tensor = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    return out
+
+
+def _regnet_features(model: Any, x: Tensor) -> Tensor:
+    out: Tensor = model.trunk_output(model.stem(x))
+    return out
+
+
+def _mnasnet_head(model: Any, feature: Tensor) -> Tensor:
+    out: Tensor = model.classifier(feature.mean([2, 3]))
+    return out
+
+
+def _squeezenet_head(model: Any, feature: Tensor) -> Tensor:
+    out: Tensor = torch.flatten(model.classifier(feature), 1)
+    return out
+
+
+def extra_archs() -> list[Arch]:
+    """A wider set than the test's, for checking the service by hand (`--extra`): other
+    torchvision and timm families, each through both exporters. Not part of `make test`
+    (exporting them all takes several minutes on 2 cores)."""
+    models = torchvision.models
+    return [
+        Arch(
+            "tv-resnet18",
+            lambda: models.resnet18(num_classes=CLASSES),
+            _resnet_features,
+            _pool_linear(lambda m: m.fc),
+            cam_weight=lambda m: m.fc.weight,
+        ),
+        Arch(
+            "tv-mobilenet_v3_large",
+            lambda: models.mobilenet_v3_large(num_classes=CLASSES),
+            lambda m, x: m.features(x),
+            _mobilenet_v3_head,
+        ),
+        _tv_features(
+            "efficientnet_b0", lambda: models.efficientnet_b0(num_classes=CLASSES), "classifier.1"
+        ),
+        Arch(
+            "tv-regnet_y_400mf",
+            lambda: models.regnet_y_400mf(num_classes=CLASSES),
+            _regnet_features,
+            _pool_linear(lambda m: m.fc),
+            cam_weight=lambda m: m.fc.weight,
+        ),
+        Arch(
+            "tv-mnasnet0_5",
+            lambda: models.mnasnet0_5(num_classes=CLASSES),
+            lambda m, x: m.layers(x),
+            _mnasnet_head,
+            cam_weight=lambda m: m.classifier[1].weight,
+        ),
+        Arch(
+            "tv-squeezenet1_1",
+            lambda: models.squeezenet1_1(num_classes=CLASSES),
+            lambda m, x: m.features(x),
+            _squeezenet_head,
+        ),
+        _timm("ghostnet_050"),
+        _timm("rexnet_100", cam=True),
+        _timm("regnety_002", cam=True),
+        _timm("repvgg_a0", cam=True),
+        _timm("tf_efficientnet_lite0", cam=True),
+        _timm("ecaresnet26t", cam=True),
+        _timm("skresnet18", cam=True),
+        _timm("ese_vovnet19b_slim", cam=True),
+        _timm("dla34"),
+        _timm("hrnet_w18_small", cam=True, exports=("dynamo",)),
+        _timm("poolformer_s12", exports=("dynamo",)),
+        _timm("convnextv2_atto", exports=("dynamo",)),
+    ]
+
+
 # ----------------------------------------------------------------------------- batch norm
 
 
@@ -644,12 +722,34 @@ def keras_cases() -> list[tuple[Export, Callable[[], Any]]]:
     ]
 
 
+def keras_extra_cases() -> list[tuple[Export, Callable[[], Any]]]:
+    import keras
+
+    apps = keras.applications
+    common = {"weights": None, "input_shape": (SIZE, SIZE, 3), "classes": CLASSES}
+    return [
+        (
+            Export("keras-mobilenet_v3_small", "keras-mobilenet_v3_small", "keras"),
+            lambda: apps.MobileNetV3Small(classifier_activation=None, **common),
+        ),
+        (
+            Export("keras-efficientnet_b0", "keras-efficientnet_b0", "keras"),
+            lambda: apps.EfficientNetB0(classifier_activation=None, **common),
+        ),
+        (
+            Export("keras-mobilenet", "keras-mobilenet", "keras"),
+            lambda: apps.MobileNet(alpha=0.25, classifier_activation=None, **common),
+        ),
+    ]
+
+
 def keras_forward(model: Any) -> Forward:
     import keras
 
-    pool = next(
+    # The last global pool is the head's (squeeze-excitation blocks pool too).
+    pool = [
         layer for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)
-    )
+    ][-1]
     dense = model.layers[-1]
     body = keras.Model(model.inputs, pool.input)
     head = keras.Model(pool.input, model.output)
@@ -659,6 +759,8 @@ def keras_forward(model: Any) -> Forward:
         feature = body(x, training=False).permute(0, 3, 1, 2)
         return feature, head(feature.permute(0, 2, 3, 1), training=False)
 
+    if not isinstance(dense, keras.layers.Dense):  # a convolutional head: no classic CAM
+        return Forward("NHWC", run, None)
     kernel = np.asarray(keras.ops.convert_to_numpy(dense.kernel), dtype=np.float64)
     return Forward("NHWC", run, kernel.T.copy())
 
@@ -748,6 +850,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-references", action="store_true", help="only the models (for benchmarks.zoo)"
     )
+    parser.add_argument(
+        "--extra", action="store_true", help="the wider set of extra_archs() instead of the test's"
+    )
     args = parser.parse_args(argv)
     root: Path = args.out
     root.mkdir(parents=True, exist_ok=True)
@@ -760,7 +865,9 @@ def main(argv: list[str] | None = None) -> int:
         return not args.only or any(name.startswith(prefix) for prefix in args.only)
 
     manifest: dict[str, Any] = {}
-    for export, arch in torch_exports(torch_archs()):
+    archs = extra_archs() if args.extra else torch_archs()
+    exports = [(Export(f"{a.name}-{e}", a.name, e), a) for a in archs for e in a.exports]
+    for export, arch in exports if args.extra else torch_exports(archs):
         if not wanted(export.name):
             continue
 
@@ -774,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
 
         manifest[export.name] = run_case(root, export, image, make_torch, not args.no_references)
 
-    for export, build in keras_cases():
+    for export, build in keras_extra_cases() if args.extra else keras_cases():
         if not wanted(export.name):
             continue
 
