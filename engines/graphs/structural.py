@@ -230,9 +230,10 @@ def expand(ctx: NodeGrad) -> Grads:
     ctx.only_first_input()
     x = ctx.node.input[0]
     x_dims = ctx.static_dims(x)
-    if ctx.info.constant(ctx.input(1)) is None:
+    value = ctx.info.constant(ctx.input(1))
+    if value is None:
         return first_input_grad(ctx, _expand_to_computed_shape(ctx, x, x_dims))
-    shape = _ints(_constant(ctx, 1, "shape"))
+    shape = _ints(value)
     if len(shape) > len(x_dims):
         raise ctx.fail("it adds leading axes, which moves the batch axis")
     shape = [1] * (len(x_dims) - len(shape)) + shape

@@ -656,8 +656,12 @@ class Export:
     """`batch` (dynamic batch), `fixed` (batch 1) or `hw` (dynamic batch, height and width)."""
 
 
-def torch_exports(archs: list[Arch]) -> list[tuple[Export, Arch]]:
+def torch_exports(archs: list[Arch], variants: bool = True) -> list[tuple[Export, Arch]]:
+    """Each arch through each of its exporters; `variants`: the test's fixed-batch and
+    free-height/width exports too."""
     chosen = [(Export(f"{a.name}-{e}", a.name, e), a) for a in archs for e in a.exports]
+    if not variants:
+        return chosen
     by_name = {a.name: a for a in archs}
     for base, exporter in (("plain-cnn", "torchscript"), ("timm-resnet10t", "dynamo")):
         arch = by_name[base]
@@ -866,8 +870,7 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest: dict[str, Any] = {}
     archs = extra_archs() if args.extra else torch_archs()
-    exports = [(Export(f"{a.name}-{e}", a.name, e), a) for a in archs for e in a.exports]
-    for export, arch in exports if args.extra else torch_exports(archs):
+    for export, arch in torch_exports(archs, variants=not args.extra):
         if not wanted(export.name):
             continue
 
