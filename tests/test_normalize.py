@@ -564,3 +564,31 @@ def test_prepare_prints_the_support_table(
         line.strip().startswith("saliency") and "supported" in line for line in printed.splitlines()
     )
     assert list((tmp_path / "silu" / "gradients").glob("*guided*")) == []
+
+
+def test_a_zero_pad_before_a_max_pool_keeps_its_zeros(tmp_path: Path) -> None:
+    """onnxruntime's Pad_Fusion would move the Pad into the MaxPool, which pads with -inf: on
+    feature maps below zero (here everywhere: the bias is -10) every border window changes."""
+    import onnxruntime as ort
+
+    from engines.models.loaded import LoadedModel
+    from engines.runtime.session import RuntimeOptions
+
+    weights = {**_weights(), "b": np.full(4, -10.0, np.float32)}
+    weights["pads"] = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Pad", ["conv", "pads"], ["padded"]),
+        helper.make_node("MaxPool", ["padded"], ["pooled"], kernel_shape=[3, 3], strides=[2, 2]),
+        *_head("pooled"),
+    ]
+    folder = _save(tmp_path / "pad-pool", nodes, weights, ["N", 3, SIZE, SIZE], ["N", 3])
+    x = RNG.normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(str(folder / "model.onnx"), plain).run(None, {"x": x})[0]
+    fused = ort.InferenceSession(str(folder / "model.onnx")).run(None, {"x": x})[0]
+    assert np.abs(fused - reference).max() > 1e-2  # what the rewrite guards against
+
+    model = LoadedModel("pad-pool", folder, RuntimeOptions(providers="cpu"), cache_dir=tmp_path)
+    np.testing.assert_allclose(model.forward(x), reference, rtol=1e-5, atol=1e-5)

@@ -49,6 +49,8 @@ MIN_OPSET = 13
 RESIZE_COORDINATES_OPSET = 11  # Resize's coordinate_transformation_mode, where Upsample ends
 SCATTER_ADD_OPSET = 16  # ScatterElements(reduction="add"), which MaxPool's gradient needs
 RESIZE_AXES_OPSET = 18
+PAD_AXES_OPSET = 18  # Pad's `axes` input
+POOLS = ("MaxPool", "AveragePool")
 
 
 @dataclass
@@ -83,6 +85,7 @@ def normalize(
     if batch == "rewritten":
         _make_batch_symbolic(result, input_name)
     _fold(result, input_name)
+    _keep_pads_out_of_pools(result.graph)
     return Normalized(result, batch)
 
 
@@ -114,6 +117,8 @@ def at_gradient_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     target = max(opset, MIN_OPSET)
     if opset < SCATTER_ADD_OPSET and any(n.op_type == "MaxPool" for n in model.graph.node):
         target = SCATTER_ADD_OPSET
+    if _pads_into_pools(model.graph):
+        target = max(target, PAD_AXES_OPSET)
     if target == opset:
         return model
     try:
@@ -123,6 +128,38 @@ def at_gradient_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     if opset < RESIZE_COORDINATES_OPSET:
         _keep_asymmetric_coordinates(converted.graph)
     return converted
+
+
+def _pads_into_pools(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Constant-mode Pads that a pooling node reads."""
+    pooled = {n.input[0] for n in graph.node if n.op_type in POOLS and n.input}
+    return [
+        n
+        for n in graph.node
+        if n.op_type == "Pad"
+        and n.output[0] in pooled
+        and node_attribute(n, "mode", b"constant") in (b"constant", "constant")
+    ]
+
+
+def _keep_pads_out_of_pools(graph: onnx.GraphProto) -> None:
+    """Give each Pad a pooling node reads an explicit `axes` input (every axis, same pads).
+
+    onnxruntime's Pad_Fusion moves a zero Pad into the MaxPool after it as the pool's own
+    padding, which pads with -inf, not 0: where the input is negative at the border the map
+    changes silently (ResNetV2's stem pads by 1 then pools). The rule leaves alone a Pad that
+    has `axes`, and that input changes nothing else.
+    """
+    initializers = {t.name: t for t in graph.initializer}
+    for node in _pads_into_pools(graph):
+        if len(node.input) < 2 or len(node.input) > 3 or node.input[1] not in initializers:
+            continue
+        rank = int(np.prod(initializers[node.input[1]].dims)) // 2
+        name = f"{node.output[0]}/pad_axes"
+        graph.initializer.append(numpy_helper.from_array(np.arange(rank, dtype=np.int64), name))
+        if len(node.input) == 2:
+            node.input.append("")
+        node.input.append(name)
 
 
 def _keep_asymmetric_coordinates(graph: onnx.GraphProto) -> None:
