@@ -42,7 +42,9 @@ def build_repository(settings: Settings) -> ModelRepository:
         settings.runtime_options(),
         cache_dir=settings.cache_dir,
         batch_policy=settings.batch_policy(),
-        budget=MemoryBudget(settings.memory_budget_bytes or None, settings.max_graph_builds),
+        budget=MemoryBudget(
+            settings.memory_budget_bytes or None, settings.max_graph_builds, measure_process=True
+        ),
         warm=settings.warm_graphs,
     )
 

@@ -429,6 +429,40 @@ def test_a_residual_sum_with_a_branch_of_unknown_layout_takes_the_known_ones() -
     ]
 
 
+@pytest.mark.parametrize(("weight_rank", "expected"), [(2, "NHWC"), (3, None)])
+def test_a_channels_last_matmul_by_a_weight_matrix_keeps_the_layout(
+    weight_rank: int, expected: str | None
+) -> None:
+    """MambaOut's and ConvNeXt's blocks run their pointwise layers as MatMuls on channels-last
+    maps: one by a weight matrix is a 1x1 convolution, so the block's residual sum is an NHWC
+    layer (and the default); a batched MatMul mixes positions and gives no layout."""
+    rng = np.random.default_rng(0)
+    weight_shape = (CHANNELS, 6) if weight_rank == 2 else (SIZE, CHANNELS, CHANNELS)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(CHANNELS, 3, 1, 1)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(size=weight_shape).astype(np.float32), "fc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv"]),
+        helper.make_node("Transpose", ["conv"], ["last"], perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["last", "fc"], ["mixed"]),
+        helper.make_node("ReduceMean", ["mixed", "axes"], ["pooled"], keepdims=0),
+    ]
+    inits.append(numpy_helper.from_array(np.array([1, 2], np.int64), "axes"))
+    graph = helper.make_graph(
+        nodes,
+        "channels-last",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    layers = spatial_layers(model, InputSpec(name="x", height=SIZE, width=SIZE))
+    layouts = {layer.name: layer.layout for layer in layers}
+    assert layouts.get("last") == "NHWC"
+    assert layouts.get("mixed") == expected
+
+
 @pytest.mark.parametrize(("kernel", "expected"), [(1, "features"), (3, "scores")])
 def test_a_classifying_1x1_conv_is_not_the_default_layer(kernel: int, expected: str) -> None:
     """SqueezeNet classifies with a 1x1 Conv into one channel per class before pooling: those

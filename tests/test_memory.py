@@ -1,6 +1,7 @@
 """The memory budget: LRU eviction, shared weights, lazy model loading, warm graphs."""
 
 import base64
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -269,3 +270,19 @@ def test_smoothgrad_batches_shrink_to_what_the_budget_has_free(
         assert budget.usage().evictions == {}  # the graph stayed; only the batches shrank
     assert seen == [5] * 8
     np.testing.assert_allclose(squeezed, alone, rtol=1e-5, atol=1e-7)
+
+
+def test_the_service_budget_counts_what_its_estimates_miss() -> None:
+    """Sessions can hold more than their graphs' estimates: the service's budget also counts
+    the process's measured growth, so memory that no estimate knows of still evicts."""
+    measured = MemoryBudget(64 * MIB, measure_process=True)
+    estimated = MemoryBudget(64 * MIB)
+    evicted: list[str] = []
+    for budget, name in ((measured, "measured"), (estimated, "estimated")):
+        budget.admit("model", name, MIB, functools.partial(evicted.append, name))
+    unseen = np.ones(96 * MIB // 8)  # written, so resident
+    for budget, name in ((measured, "measured"), (estimated, "estimated")):
+        budget.admit("model", f"{name}-2", MIB, functools.partial(evicted.append, f"{name}-2"))
+    assert evicted == ["measured"]
+    assert measured.used_bytes() >= unseen.nbytes
+    assert estimated.used_bytes() == 2 * MIB

@@ -147,6 +147,12 @@ def _output_layout(
         if source == "NHWC" and perm == TO_NCHW:
             return "NCHW"
         return None
+    if op == "MatMul" and len(node.input) == 2:
+        # A channels-last map times a weight matrix: a 1x1 convolution over the last axis.
+        weight = node.input[1]
+        if layouts.get(node.input[0]) == "NHWC" and weight in constants and ranks.get(weight) == 2:
+            return "NHWC"
+        return None
     if op in STRUCTURAL_OPS or (op in REDUCE_OPS and node_attribute(node, "keepdims", 1) == 1):
         inputs = list(node.input) if op == "Concat" else [node.input[0]]
     elif op in ELEMENTWISE_OPS:
@@ -178,6 +184,7 @@ def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
         if shape is not None:
             shapes[value_info.name] = shape
     ranks = {name: len(shape) for name, shape in shapes.items()}
+    ranks.update({init.name: len(init.dims) for init in graph.initializer})
     constants = {init.name for init in graph.initializer}
     constants.update(init.values.name for init in graph.sparse_initializer)
     feeds = [i.name for i in graph.input if i.name not in constants]

@@ -103,8 +103,7 @@ class ModelRepository:
         load on first use."""
         for entry in self._entries.values():
             needed = self._load_estimate(entry)
-            usage = self.budget.usage()
-            if usage.resident_bytes + usage.reserved_bytes + needed > self.budget.limit_bytes:
+            if self.budget.used_bytes() + needed > self.budget.limit_bytes:
                 entry.state = ModelState.UNLOADED
                 continue
             with entry.lock, contextlib.suppress(OverBudget):

@@ -89,8 +89,13 @@ class BudgetUsage:
 class MemoryBudget:
     """Bytes for resident entries and work in flight, evicting least recently used entries."""
 
-    def __init__(self, limit_bytes: int | None = None, max_builds: int = 2) -> None:
+    def __init__(
+        self, limit_bytes: int | None = None, max_builds: int = 2, measure_process: bool = False
+    ) -> None:
+        """`measure_process`: the process's own growth in resident memory since now counts too
+        whenever it exceeds the estimates (the service's budget: it is alone in its process)."""
         self.limit_bytes = limit_bytes if limit_bytes else default_budget_bytes()
+        self._baseline = resident_bytes() if measure_process else None
         self.max_builds = max_builds
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._ids = itertools.count()
@@ -206,10 +211,20 @@ class MemoryBudget:
                 builds_in_flight=self._building,
             )
 
+    def used_bytes(self) -> int:
+        """What `admit` and `reserve` count as used (estimates, or the measured growth)."""
+        with self._lock:
+            return self._used()
+
     # --- inside the lock -----------------------------------------------------------------
 
     def _used(self) -> int:
-        return self._reserved + sum(e.cost for e in self._entries.values())
+        """The estimates' total, or the process's measured growth where that is larger: the
+        estimates come from the graphs, and onnxruntime's sessions can hold twice as much."""
+        estimated = self._reserved + sum(e.cost for e in self._entries.values())
+        if self._baseline is None:
+            return estimated
+        return max(estimated, resident_bytes() - self._baseline)
 
     def _pop(self, entry_id: int) -> _Entry:
         entry = self._entries.pop(entry_id)
