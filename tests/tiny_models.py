@@ -215,8 +215,9 @@ def strided_residual_model(path: Path, size: int = 32) -> None:
             "Conv", ["expand_clip", "depthwise_w"], ["depthwise"], group=8, pads=[1, 1, 1, 1]
         ),
         helper.make_node("Add", ["depthwise", "expand_clip"], ["residual"]),
-        # Non-negative before the Pad: onnxruntime fuses Pad into MaxPool, whose own padding
-        # is -inf, which equals zeros only there.
+        # Non-negative before the Pad: a plain onnxruntime session fuses Pad into MaxPool,
+        # whose own padding is -inf, which equals zeros only there (the service keeps the Pad
+        # apart: engines.graphs.normalize).
         helper.make_node("Relu", ["residual"], ["residual_relu"]),
         helper.make_node("Pad", ["residual_relu", "pads"], ["padded"]),
         helper.make_node("MaxPool", ["padded"], ["pooled"], kernel_shape=[3, 3], strides=[2, 2]),

@@ -344,7 +344,10 @@ def _local_op(
         ):
             return None
         pads = _constant_value(graph, node.input[1]) if len(node.input) > 1 else None
-        axes = _constant_value(graph, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        has_axes = len(node.input) > 3 and bool(node.input[3])
+        axes = _constant_value(graph, node.input[3]) if has_axes else None
+        if has_axes and axes is None:
+            return None
         if pads is None or pads.min() < 0:
             return None
         begin, end = _pads_by_axis(pads.reshape(-1), axes)
