@@ -548,6 +548,23 @@ CASES = [
             node("Pad", ["cut", "pads2"]),
         ),
     ),
+    # TResNet's anti-aliasing blur pads by reflection; edge and wrap copy borders too.
+    *(
+        Case(
+            f"pad_{mode}",
+            IMAGE,
+            (node("Pad", ["x", "pads"], mode=mode),),
+            {"pads": ints(0, 0, 1, 2, 0, 0, 2, 1)},
+        )
+        for mode in ("reflect", "edge", "wrap")
+    ),
+    Case(
+        "pad_reflect_axes",
+        IMAGE,
+        (node("Pad", ["x", "pads", "", "axes"], mode="reflect"),),
+        {"pads": ints(2, 1), "axes": ints(-1)},
+        opset=19,
+    ),
     Case("squeeze", (3, 1, 5), (node("Squeeze", ["x", "axes"]),), {"axes": ints(2)}),
     Case("unsqueeze", IMAGE, (node("Unsqueeze", ["x", "axes"]),), {"axes": ints(2)}),
 ]

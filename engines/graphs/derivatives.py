@@ -265,8 +265,10 @@ def concat(ctx: NodeGrad) -> Grads:
 
 def pad(ctx: NodeGrad) -> Grads:
     ctx.only_first_input()
-    if ctx.attr("mode", b"constant") not in (b"constant", "constant"):
-        raise ctx.fail("only constant padding is supported")
+    mode = ctx.attr("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        raise ctx.fail(f"padding mode {mode!r} is not supported")
     rank = ctx.rank(ctx.node.input[0])
     pads = ctx.info.constant(ctx.input(1))
     if pads is None:
@@ -278,10 +280,77 @@ def pad(ctx: NodeGrad) -> Grads:
         begin[axis], end[axis] = int(flat[i]), int(flat[i + len(axes)])
     if begin[0] or end[0]:
         raise ctx.fail("it pads the batch axis")
+    if mode != "constant":
+        return first_input_grad(ctx, _fold_border_back(ctx, mode, begin, end))
     if min(begin + end) >= 0:
         return first_input_grad(ctx, _crop(ctx, begin, end))
     undo = ctx.emit.ints([-p for p in begin + end])  # negative pads crop, positive ones refill
     return first_input_grad(ctx, ctx.op("Pad", [ctx.grad, undo]))
+
+
+def _fold_border_back(ctx: NodeGrad, mode: str, begin: list[int], end: list[int]) -> str:
+    """The gradient of a reflect, edge or wrap Pad: each padded border's gradient goes back to
+    the input positions it copies, one axis at a time.
+
+    Along an axis of size n padded by b before and e after: reflect copies input b..1 before
+    and n-2..n-1-e after (the border row itself is not repeated), edge copies input 0 and n-1,
+    wrap copies n-b..n-1 and 0..e-1.
+    """
+    if min(begin + end) < 0:
+        raise ctx.fail(f"{mode} padding with negative pads is not supported")
+    sizes = ctx.static_dims(ctx.node.input[0])
+    emit, grad = ctx.emit, ctx.grad
+
+    def part(tensor: str, axis: int, start: int, stop: int, flip: bool = False) -> str:
+        if flip:
+            starts, ends, steps = [stop - 1], [start - 1 if start else -INT64_MAX], [-1]
+        else:
+            starts, ends, steps = [start], [stop], [1]
+        return ctx.op(
+            "Slice",
+            [tensor, emit.ints(starts), emit.ints(ends), emit.ints([axis]), emit.ints(steps)],
+        )
+
+    def placed(tensor: str, axis: int, before: int, after: int) -> str:
+        pads = [0] * (2 * len(sizes))
+        pads[axis], pads[axis + len(sizes)] = before, after
+        return ctx.op("Pad", [tensor, emit.ints(pads)])
+
+    for axis in range(1, len(sizes)):
+        b, e, n = begin[axis], end[axis], sizes[axis]
+        if not b and not e:
+            continue
+        if mode == "reflect" and max(b, e) > n - 1:
+            raise ctx.fail("its reflect pads are wider than the input")
+        if mode == "wrap" and max(b, e) > n:
+            raise ctx.fail("its wrap pads are wider than the input")
+        terms = [part(grad, axis, b, b + n)]
+        for width, offset, at_start in ((b, 0, True), (e, b + n, False)):
+            if not width:
+                continue
+            if mode == "edge":
+                summed = ctx.op(
+                    "ReduceSum", [part(grad, axis, offset, offset + width), emit.ints([axis])]
+                )
+                terms.append(
+                    placed(summed, axis, 0, n - 1) if at_start else placed(summed, axis, n - 1, 0)
+                )
+            elif mode == "reflect":
+                mirrored = part(grad, axis, offset, offset + width, flip=True)
+                terms.append(
+                    placed(mirrored, axis, 1, n - 1 - width)
+                    if at_start
+                    else placed(mirrored, axis, n - 1 - width, 1)
+                )
+            else:
+                copied = part(grad, axis, offset, offset + width)
+                terms.append(
+                    placed(copied, axis, n - width, 0)
+                    if at_start
+                    else placed(copied, axis, 0, n - width)
+                )
+        grad = terms[0] if len(terms) == 1 else ctx.op("Sum", terms)
+    return grad
 
 
 def _crop(ctx: NodeGrad, begin: list[int], end: list[int]) -> str:
