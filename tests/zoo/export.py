@@ -440,6 +440,45 @@ def extra_archs() -> list[Arch]:
     ]
 
 
+WIDER_TIMM = (
+    "resnext26ts", "seresnext26d_32x4d", "res2net50_14w_8s", "dpn48b", "selecsls42b",
+    "cs3darknet_s", "mobileone_s0", "fastvit_t8", "efficientvit_b0", "mobilevit_xxs",
+    "nf_resnet26", "resnetv2_50x1_bit", "gernet_s", "hardcorenas_a", "tinynet_e", "fbnetc_100",
+    "mobilenetv4_conv_small", "repghostnet_050", "ghostnetv2_100", "xception41", "densenet121",
+    "resnet18d", "regnetz_b16", "eca_nfnet_l0", "tresnet_m", "dla46x_c", "hgnetv2_b0",
+    "starnet_s1", "inception_next_atto", "edgenext_xx_small", "repvit_m0_9", "fasternet_t0",
+    "mambaout_femto",
+)  # fmt: skip
+
+
+def wider_archs() -> list[Arch]:
+    """A third set (`--wider`), disjoint from the other two: the session of 2026-12-02 checked
+    the service on it. Their heads are taken as timm's forward_head, so classic CAM's
+    reference is not modelled (its tests expect a refusal)."""
+    models = torchvision.models
+    return [
+        *(_timm(name) for name in WIDER_TIMM),
+        Arch(
+            "tv-alexnet",
+            lambda: models.alexnet(num_classes=CLASSES),
+            lambda m, x: m.features(x),
+            lambda m, f: m.classifier(torch.flatten(m.avgpool(f), 1)),
+        ),
+        Arch(
+            "tv-regnet_x_400mf",
+            lambda: models.regnet_x_400mf(num_classes=CLASSES),
+            _regnet_features,
+            _pool_linear(lambda m: m.fc),
+            cam_weight=lambda m: m.fc.weight,
+        ),
+        _tv_features(
+            "efficientnet_v2_s",
+            lambda: models.efficientnet_v2_s(num_classes=CLASSES),
+            "classifier.1",
+        ),
+    ]
+
+
 # ----------------------------------------------------------------------------- batch norm
 
 
@@ -857,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--extra", action="store_true", help="the wider set of extra_archs() instead of the test's"
     )
+    parser.add_argument(
+        "--wider", action="store_true", help="the third set, wider_archs() (torch exports only)"
+    )
     args = parser.parse_args(argv)
     root: Path = args.out
     root.mkdir(parents=True, exist_ok=True)
@@ -869,8 +911,8 @@ def main(argv: list[str] | None = None) -> int:
         return not args.only or any(name.startswith(prefix) for prefix in args.only)
 
     manifest: dict[str, Any] = {}
-    archs = extra_archs() if args.extra else torch_archs()
-    for export, arch in torch_exports(archs, variants=not args.extra):
+    archs = wider_archs() if args.wider else extra_archs() if args.extra else torch_archs()
+    for export, arch in torch_exports(archs, variants=not (args.extra or args.wider)):
         if not wanted(export.name):
             continue
 
@@ -884,7 +926,8 @@ def main(argv: list[str] | None = None) -> int:
 
         manifest[export.name] = run_case(root, export, image, make_torch, not args.no_references)
 
-    for export, build in keras_extra_cases() if args.extra else keras_cases():
+    keras_builds = [] if args.wider else keras_extra_cases() if args.extra else keras_cases()
+    for export, build in keras_builds:
         if not wanted(export.name):
             continue
 
