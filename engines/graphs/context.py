@@ -35,6 +35,20 @@ def node_attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return default
 
 
+def pad_extents(
+    pads: Sequence[int], axes: Sequence[int] | None, rank: int
+) -> tuple[list[int], list[int]] | None:
+    """A Pad's (begin, end) on every axis of a rank-`rank` tensor, from its pads and its
+    optional `axes` (negative ones count from the end); None when the two do not match."""
+    chosen = [int(a) % rank for a in axes] if axes is not None else list(range(rank))
+    if len(pads) != 2 * len(chosen) or len(set(chosen)) != len(chosen):
+        return None
+    begin, end = [0] * rank, [0] * rank
+    for index, axis in enumerate(chosen):
+        begin[axis], end[axis] = int(pads[index]), int(pads[index + len(chosen)])
+    return begin, end
+
+
 def walk(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
     """Every node, including those of subgraphs (If/Loop bodies)."""
     for node in graph.node:

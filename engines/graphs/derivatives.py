@@ -16,6 +16,7 @@ from engines.graphs.context import (
     NodeGrad,
     first_input_grad,
     guided_filter,
+    pad_extents,
     reshape_like,
     same_batch,
     unbroadcast,
@@ -273,11 +274,10 @@ def pad(ctx: NodeGrad) -> Grads:
     pads = ctx.info.constant(ctx.input(1))
     if pads is None:
         raise ctx.fail("its pads are not a constant")
-    axes = _constant_axes(ctx, 3, rank) or list(range(rank))
-    begin, end = [0] * rank, [0] * rank
-    flat = pads.reshape(-1).tolist()
-    for i, axis in enumerate(axes):
-        begin[axis], end[axis] = int(flat[i]), int(flat[i + len(axes)])
+    extents = pad_extents(pads.reshape(-1).tolist(), _constant_axes(ctx, 3, rank), rank)
+    if extents is None:
+        raise ctx.fail("its pads do not match its axes")
+    begin, end = extents
     if begin[0] or end[0]:
         raise ctx.fail("it pads the batch axis")
     if mode != "constant":
@@ -328,27 +328,16 @@ def _fold_border_back(ctx: NodeGrad, mode: str, begin: list[int], end: list[int]
         for width, offset, at_start in ((b, 0, True), (e, b + n, False)):
             if not width:
                 continue
+            border = part(grad, axis, offset, offset + width, flip=mode == "reflect")
+            # Where along the input the border's gradient lands, and how many positions.
             if mode == "edge":
-                summed = ctx.op(
-                    "ReduceSum", [part(grad, axis, offset, offset + width), emit.ints([axis])]
-                )
-                terms.append(
-                    placed(summed, axis, 0, n - 1) if at_start else placed(summed, axis, n - 1, 0)
-                )
+                border = ctx.op("ReduceSum", [border, emit.ints([axis])])
+                at, length = (0 if at_start else n - 1), 1
             elif mode == "reflect":
-                mirrored = part(grad, axis, offset, offset + width, flip=True)
-                terms.append(
-                    placed(mirrored, axis, 1, n - 1 - width)
-                    if at_start
-                    else placed(mirrored, axis, n - 1 - width, 1)
-                )
+                at, length = (1 if at_start else n - 1 - width), width
             else:
-                copied = part(grad, axis, offset, offset + width)
-                terms.append(
-                    placed(copied, axis, n - width, 0)
-                    if at_start
-                    else placed(copied, axis, 0, n - width)
-                )
+                at, length = (n - width if at_start else 0), width
+            terms.append(placed(border, axis, at, n - at - length))
         grad = terms[0] if len(terms) == 1 else ctx.op("Sum", terms)
     return grad
 

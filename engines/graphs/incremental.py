@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from engines.graphs.context import pad_extents
+
 Interval = tuple[int, int]
 """A half-open range [start, stop) of positions along one spatial axis."""
 EMPTY: Interval = (0, 0)
@@ -350,8 +352,13 @@ def _local_op(
             return None
         if pads is None or pads.min() < 0:
             return None
-        begin, end = _pads_by_axis(pads.reshape(-1), axes)
-        if begin is None or end is None or begin[0] or end[0] or begin[1] or end[1]:
+        extents = pad_extents(
+            pads.reshape(-1).tolist(), None if axes is None else axes.reshape(-1).tolist(), 4
+        )
+        if extents is None:
+            return None
+        begin, end = extents
+        if begin[0] or end[0] or begin[1] or end[1]:
             return None
         steps = (Step(1, 1, begin[2], end[2]), Step(1, 1, begin[3], end[3]))
     else:
@@ -363,19 +370,6 @@ def _local_op(
         return None
     sizes[node.output[0]] = expected
     return LocalOp(inputs, node.output[0], steps, node_macs(shapes, node))
-
-
-def _pads_by_axis(
-    pads: np.ndarray, axes: np.ndarray | None
-) -> tuple[list[int], list[int]] | tuple[None, None]:
-    """A 4-D Pad's (begin, end) per axis, from its pads and optional `axes`."""
-    chosen = [int(a) % 4 for a in axes.reshape(-1)] if axes is not None else [0, 1, 2, 3]
-    if pads.size != 2 * len(chosen) or len(set(chosen)) != len(chosen):
-        return None, None
-    begin, end = [0] * 4, [0] * 4
-    for index, axis in enumerate(chosen):
-        begin[axis], end[axis] = int(pads[index]), int(pads[index + len(chosen)])
-    return begin, end
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,19 @@ def _tv_features(name: str, build: Callable[[], nn.Module], linear: str) -> Arch
     )
 
 
+def _tv_fc(
+    name: str, build: Callable[[], nn.Module], features: Callable[[Any, Tensor], Tensor]
+) -> Arch:
+    """torchvision models whose head is global average pooling and their `fc`."""
+    return Arch(
+        f"tv-{name}",
+        build,
+        features,
+        _pool_linear(lambda m: m.fc),
+        cam_weight=lambda m: m.fc.weight,
+    )
+
+
 def _mobilenet_v3_head(model: Any, feature: Tensor) -> Tensor:
     out: Tensor = model.classifier(torch.flatten(model.avgpool(feature), 1))
     return out
@@ -389,13 +402,7 @@ def extra_archs() -> list[Arch]:
     (exporting them all takes several minutes on 2 cores)."""
     models = torchvision.models
     return [
-        Arch(
-            "tv-resnet18",
-            lambda: models.resnet18(num_classes=CLASSES),
-            _resnet_features,
-            _pool_linear(lambda m: m.fc),
-            cam_weight=lambda m: m.fc.weight,
-        ),
+        _tv_fc("resnet18", lambda: models.resnet18(num_classes=CLASSES), _resnet_features),
         Arch(
             "tv-mobilenet_v3_large",
             lambda: models.mobilenet_v3_large(num_classes=CLASSES),
@@ -405,12 +412,8 @@ def extra_archs() -> list[Arch]:
         _tv_features(
             "efficientnet_b0", lambda: models.efficientnet_b0(num_classes=CLASSES), "classifier.1"
         ),
-        Arch(
-            "tv-regnet_y_400mf",
-            lambda: models.regnet_y_400mf(num_classes=CLASSES),
-            _regnet_features,
-            _pool_linear(lambda m: m.fc),
-            cam_weight=lambda m: m.fc.weight,
+        _tv_fc(
+            "regnet_y_400mf", lambda: models.regnet_y_400mf(num_classes=CLASSES), _regnet_features
         ),
         Arch(
             "tv-mnasnet0_5",
@@ -464,12 +467,8 @@ def wider_archs() -> list[Arch]:
             lambda m, x: m.features(x),
             lambda m, f: m.classifier(torch.flatten(m.avgpool(f), 1)),
         ),
-        Arch(
-            "tv-regnet_x_400mf",
-            lambda: models.regnet_x_400mf(num_classes=CLASSES),
-            _regnet_features,
-            _pool_linear(lambda m: m.fc),
-            cam_weight=lambda m: m.fc.weight,
+        _tv_fc(
+            "regnet_x_400mf", lambda: models.regnet_x_400mf(num_classes=CLASSES), _regnet_features
         ),
         _tv_features(
             "efficientnet_v2_s",
