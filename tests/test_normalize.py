@@ -303,6 +303,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     half_twin(root / "half-twin")
     if_model(root / "if")
     silu_model(root / "silu")
+    normalized_model(root / "normalized")
     upsampling_model(root / "upsample-9", old=True)
     upsampling_model(root / "resize-17", old=False)
     batch_shaped_model(root / "batch-shaped", exported=True)
@@ -592,3 +593,146 @@ def test_a_zero_pad_before_a_max_pool_keeps_its_zeros(tmp_path: Path) -> None:
 
     model = LoadedModel("pad-pool", folder, RuntimeOptions(providers="cpu"), cache_dir=tmp_path)
     np.testing.assert_allclose(model.forward(x), reference, rtol=1e-5, atol=1e-5)
+
+
+# --- batch bookkeeping of attention and patch blocks ------------------------------------------
+
+
+def _ints(*values: int) -> Array:
+    return np.array(values, np.int64)
+
+
+def _served_input_gradient(folder: Path, tmp_path: Path, x: Array, seeds: Array) -> Array:
+    """The served model's input gradient of sum(seeds * logits), one row per image."""
+    from engines.graphs.prepared import GraphKey
+    from engines.models.loaded import LoadedModel
+    from engines.runtime.session import RuntimeOptions
+
+    model = LoadedModel(folder.name, folder, RuntimeOptions(providers="cpu"), cache_dir=tmp_path)
+    key = GraphKey(None, wrt_input=True, guided=False, top_k_seeds=False, paired=True)
+    result = model.gradients.run(key, model.input_name, x, seeds=seeds)
+    assert result.grad_input is not None
+    return result.grad_input
+
+
+def _check_against_finite_differences(folder: Path, tmp_path: Path) -> None:
+    from tests.test_gradients import numeric_gradient
+
+    x = RNG.normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
+    seeds = RNG.normal(size=(2, 3)).astype(np.float32)
+    served = _served_input_gradient(folder, tmp_path, x, seeds)
+    expected = numeric_gradient(onnx.load(str(folder / "model.onnx")), x, seeds)
+    np.testing.assert_allclose(served, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+
+
+def test_attention_that_splits_q_k_v_along_a_leading_axis_keeps_the_batch_first(
+    tmp_path: Path,
+) -> None:
+    """`qkv.reshape(B, T, 3, ...).permute(2, 0, ...).unbind(0)`: the Transpose puts the batch
+    second; its readers (Slice + Squeeze, Gather, Split + Squeeze) select along axis 0."""
+    weights = {
+        **_weights(),
+        "w": RNG.normal(size=(6, 3, 3, 3)).astype(np.float32),
+        "b": RNG.normal(size=6).astype(np.float32) * 0.1,
+        "fc": RNG.normal(size=(3, 2)).astype(np.float32),
+        "qkv_shape": _ints(-1, 3, 2, SIZE * SIZE),
+        "maps": _ints(0, 2, SIZE, SIZE),
+        "zero": _ints(0),
+        "one": _ints(1),
+        "second": np.array(1, np.int64),
+        "thirds": _ints(1, 1, 1),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["conv", "qkv_shape"], ["qkv"]),
+        helper.make_node("Transpose", ["qkv"], ["heads"], perm=[1, 0, 2, 3]),  # [3, N, 2, T]
+        helper.make_node("Slice", ["heads", "zero", "one", "zero"], ["q1"]),
+        helper.make_node("Squeeze", ["q1", "zero"], ["q"]),
+        helper.make_node("Gather", ["heads", "second"], ["k"], axis=0),
+        helper.make_node("Split", ["heads", "thirds"], ["s0", "s1", "s2"], axis=0),
+        helper.make_node("Squeeze", ["s2", "zero"], ["v"]),
+        helper.make_node("Mul", ["q", "k"], ["qk"]),
+        helper.make_node("Add", ["qk", "v"], ["mixed"]),
+        helper.make_node("Reshape", ["mixed", "maps"], ["mapped"]),
+        *_head("mapped"),
+    ]
+    folder = _save(tmp_path / "qkv", nodes, weights, ["N", 3, SIZE, SIZE], ["N", 3])
+
+    normalized = normalize(onnx.load(str(folder / "model.onnx")), "x", {2: SIZE, 3: SIZE})
+    transpose = next(n for n in normalized.model.graph.node if n.op_type == "Transpose")
+    assert list(helper.get_attribute_value(transpose.attribute[0])) == [0, 1, 2, 3]
+    _check_against_finite_differences(folder, tmp_path)
+
+
+def test_patches_that_merge_the_batch_into_axis_0_have_static_rows(tmp_path: Path) -> None:
+    """MobileViT's unfold and fold: [N, C, H, W] -> [N * C * H, W] -> [N, C, H, -1], shapes
+    computed from the batch. Symbolic inference leaves the last -1 unknown."""
+    weights = {
+        **_weights(),
+        "rows_per_image": np.array(4 * SIZE, np.int64),
+        "batch_at": np.array(0, np.int64),
+        "axis0": _ints(0),
+        "width": _ints(SIZE),
+        "rest": _ints(4, SIZE, -1),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Shape", ["conv"], ["shape"]),
+        helper.make_node("Gather", ["shape", "batch_at"], ["batch"], axis=0),
+        helper.make_node("Mul", ["batch", "rows_per_image"], ["rows"]),
+        helper.make_node("Unsqueeze", ["rows", "axis0"], ["rows_1d"]),
+        helper.make_node("Concat", ["rows_1d", "width"], ["patch_shape"], axis=0),
+        helper.make_node("Reshape", ["conv", "patch_shape"], ["patches"]),
+        helper.make_node("Softmax", ["patches"], ["weights"], axis=-1),
+        helper.make_node("Mul", ["patches", "weights"], ["attended"]),
+        helper.make_node("Unsqueeze", ["batch", "axis0"], ["batch_1d"]),
+        helper.make_node("Concat", ["batch_1d", "rest"], ["map_shape"], axis=0),
+        helper.make_node("Reshape", ["attended", "map_shape"], ["folded"]),
+        helper.make_node("Transpose", ["folded"], ["turned"], perm=[0, 1, 3, 2]),
+        *_head("turned"),
+    ]
+    folder = _save(tmp_path / "patches", nodes, weights, ["N", 3, SIZE, SIZE], ["N", 3])
+    _check_against_finite_differences(folder, tmp_path)
+
+
+def test_resizes_after_broadcasts_keep_the_batch(tmp_path: Path) -> None:
+    """GhostNetV2's gates: pool, resize back to Shape(x) and multiply, twice. Each product gets
+    a fresh batch symbol from shape inference, and the next Resize's sizes come from it."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["m0"], pads=[1, 1, 1, 1])]
+    for i in (1, 2):
+        nodes += [
+            helper.make_node(
+                "AveragePool", [f"m{i - 1}"], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2]
+            ),
+            helper.make_node("Sigmoid", [f"p{i}"], [f"g{i}"]),
+            helper.make_node("Shape", [f"m{i - 1}"], [f"s{i}"]),
+            helper.make_node("Resize", [f"g{i}", "", "", f"s{i}"], [f"r{i}"], mode="nearest"),
+            helper.make_node("Mul", [f"m{i - 1}", f"r{i}"], [f"m{i}"]),
+        ]
+    nodes += _head("m2")
+    folder = _save(tmp_path / "gates", nodes, _weights(), ["N", 3, SIZE, SIZE], ["N", 3])
+    _check_against_finite_differences(folder, tmp_path)
+
+
+def test_a_clip_that_keeps_a_norm_off_zero_is_no_relu_for_guided_backprop(
+    client: TestClient,
+) -> None:
+    """F.normalize divides by clamp_min(norm, eps), a Clip with a lower bound only; guided
+    backprop has no activation to filter at, as torch's has not."""
+    answer = _explain(client, "normalized", "guided_backprop", status=422)
+    assert "ReLU-like" in answer["error"]["message"]
+    assert np.abs(_map(_explain(client, "normalized", "saliency"))).max() > 0
+
+
+def normalized_model(folder: Path) -> Path:
+    """x / clamp_min(||x||_2 over channels, 1e-12) -> Conv -> Tanh -> GAP -> Gemm."""
+    weights = {**_weights(), "eps": np.array(1e-12, np.float32)}
+    nodes = [
+        helper.make_node("ReduceL2", ["x"], ["norm"], axes=[1], keepdims=1),
+        helper.make_node("Clip", ["norm", "eps"], ["kept"]),
+        helper.make_node("Div", ["x", "kept"], ["unit"]),
+        helper.make_node("Conv", ["unit", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Tanh", ["conv"], ["act"]),
+        *_head("act"),
+    ]
+    return _save(folder, nodes, weights, ["N", 3, SIZE, SIZE], ["N", 3])

@@ -19,10 +19,12 @@ from engines.errors import EngineError, InvalidParameters, NoReluLikeOp, Unsuppo
 from engines.graphs.centring import centre_clips
 from engines.graphs.context import (
     DEFAULT_DOMAINS,
+    RELU_LIKE,
     Dims,
     Emitter,
     GraphInfo,
     NodeGrad,
+    relu_like,
     subgraph_reads,
     walk,
 )
@@ -39,7 +41,6 @@ GRAD_LAYER = "grad_layer"
 GRAD_INPUT = "grad_input"
 RESERVED = (SEED, ACTIVATION, GRAD_LAYER, GRAD_INPUT)
 # Ops whose rules apply guided backprop's filter (negative gradients stop there).
-RELU_LIKE = frozenset({"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "HardSwish"})
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def build_gradient_model(model: onnx.ModelProto, spec: GradientSpec) -> onnx.Mod
     _check_float32(active, info)
     _check_subgraphs(graph, active)
     if spec.guided:
-        _check_guided(graph, active)
+        _check_guided(graph, active, info)
     centre_clips(graph, info, emit, active, {spec.output, data_input, *sources})
     reference: dict[str, str] | None = None
     extra_inputs = []
@@ -311,10 +312,10 @@ def _check_subgraphs(graph: onnx.GraphProto, active: set[str]) -> None:
             )
 
 
-def _check_guided(graph: onnx.GraphProto, active: set[str]) -> None:
+def _check_guided(graph: onnx.GraphProto, active: set[str], info: GraphInfo) -> None:
     """Guided backprop without a ReLU-like op on the path would be plain saliency: refuse."""
     for node in graph.node:
-        if node.op_type in RELU_LIKE and any(i in active for i in node.input[:1]):
+        if relu_like(node, info) and any(i in active for i in node.input[:1]):
             return
     raise NoReluLikeOp(
         "guided backprop needs a ReLU-like op (" + ", ".join(sorted(RELU_LIKE)) + ") between "

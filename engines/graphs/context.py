@@ -267,6 +267,25 @@ def unbroadcast(ctx: NodeGrad, grad: str, grad_dims: Dims, operand: str) -> str:
     return ctx.op("ReduceSum", [grad, ctx.emit.ints(axes)], keepdims=1)
 
 
+RELU_LIKE = frozenset({"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "HardSwish"})
+
+
+def relu_like(node: onnx.NodeProto, info: GraphInfo) -> bool:
+    """Whether guided backprop filters at this node: a ReLU-like activation.
+
+    A Clip with a positive lower bound and no upper one only keeps a value off zero (the norm
+    in F.normalize, clamp_min(eps)); it is not an activation, and torch's guided backprop
+    leaves it alone.
+    """
+    if node.op_type not in RELU_LIKE:
+        return False
+    if node.op_type != "Clip":
+        return True
+    low = info.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    has_high = len(node.input) > 2 and bool(node.input[2])
+    return has_high or low is None or low.size != 1 or float(low.reshape(-1)[0]) <= 0.0
+
+
 def guided_filter(ctx: NodeGrad, grad: str) -> str:
-    """The guided-backprop filter: negative gradients do not pass."""
-    return ctx.op("Relu", [grad]) if ctx.guided else grad
+    """The guided-backprop filter at a ReLU-like node: negative gradients do not pass."""
+    return ctx.op("Relu", [grad]) if ctx.guided and relu_like(ctx.node, ctx.info) else grad

@@ -84,6 +84,7 @@ def normalize(
         batch = "rewritten" if rewrite_batch else "one_row"
     if batch == "rewritten":
         _make_batch_symbolic(result, input_name)
+    _batch_first_selections(result.graph)
     _fold(result, input_name)
     _keep_pads_out_of_pools(result.graph)
     return Normalized(result, batch)
@@ -160,6 +161,85 @@ def _keep_pads_out_of_pools(graph: onnx.GraphProto) -> None:
         if len(node.input) == 2:
             node.input.append("")
         node.input.append(name)
+
+
+def _batch_first_selections(graph: onnx.GraphProto) -> None:
+    """Keep the batch first where attention splits its fused q, k, v projections.
+
+    `qkv.reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)` (timm's and most ViT
+    blocks) exports as a Transpose that puts the batch second, read only by selections along
+    axis 0: Gather of one index, or Slice or Split each followed by a Squeeze of that axis. The
+    gradient rules keep the batch at axis 0, so swap the Transpose's first two output axes and
+    select along axis 1: each selection's result is the same tensor as before.
+    """
+    initializers = {t.name: t for t in graph.initializer}
+    constants = _constant_node_values(graph)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+
+    def ints(name: str) -> list[int] | None:
+        value = _initializer_or_constant(name, initializers, constants) if name else None
+        return None if value is None else [int(v) for v in value.reshape(-1)]
+
+    def squeezes_first_axis(name: str) -> list[onnx.NodeProto] | None:
+        found = readers.get(name, [])
+        ok = name not in graph_outputs and all(
+            n.op_type == "Squeeze"
+            and n.input[0] == name
+            and len(n.input) > 1
+            and ints(n.input[1]) == [0]
+            for n in found
+        )
+        return found if ok else None
+
+    def selection(node: onnx.NodeProto, reader: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        """The squeezes after `reader`, if it selects along axis 0 of `node`'s output alone."""
+        if reader.domain not in DEFAULT_DOMAINS or reader.input[0] != node.output[0]:
+            return None
+        if reader.input[1:].count(node.output[0]):
+            return None
+        if reader.op_type == "Gather":
+            index = _initializer_or_constant(reader.input[1], initializers, constants)
+            scalar = index is not None and index.ndim == 0
+            return [] if scalar and int(node_attribute(reader, "axis", 0)) == 0 else None
+        if reader.op_type == "Slice":
+            axes = ints(reader.input[3]) if len(reader.input) > 3 else [0]
+            return squeezes_first_axis(reader.output[0]) if axes == [0] else None
+        if reader.op_type == "Split" and int(node_attribute(reader, "axis", 0)) == 0:
+            squeezes = [squeezes_first_axis(o) for o in reader.output]
+            return None if None in squeezes else [n for s in squeezes if s for n in s]
+        return None
+
+    second_axis = "batch_first/axis_1"
+    for node in graph.node:
+        perm = list(node_attribute(node, "perm", []))
+        if node.op_type != "Transpose" or len(perm) < 2 or perm[1] != 0:
+            continue
+        reads = readers.get(node.output[0], [])
+        plans = [selection(node, reader) for reader in reads]
+        if not reads or node.output[0] in graph_outputs or any(p is None for p in plans):
+            continue
+        if second_axis not in initializers:
+            axis_1 = numpy_helper.from_array(np.array([1], np.int64), second_axis)
+            graph.initializer.append(axis_1)
+            initializers[second_axis] = axis_1
+        node.attribute.remove(next(a for a in node.attribute if a.name == "perm"))
+        node.attribute.append(helper.make_attribute("perm", [perm[1], perm[0], *perm[2:]]))
+        for reader, squeezes in zip(reads, plans, strict=True):
+            assert squeezes is not None
+            if reader.op_type == "Slice":
+                while len(reader.input) < 4:
+                    reader.input.append("")
+                reader.input[3] = second_axis
+            else:
+                _set_attribute(reader, "axis", None)
+                reader.attribute.append(helper.make_attribute("axis", 1))
+            for squeeze in squeezes:
+                squeeze.input[1] = second_axis
+    del graph.value_info[:]
 
 
 def _keep_asymmetric_coordinates(graph: onnx.GraphProto) -> None:
@@ -330,6 +410,7 @@ class _Folder:
         self.batch_indices: dict[str, _BatchIndex] = {}
         self.added: list[onnx.TensorProto] = []
         self.replaced: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> the nodes in its place
+        self.batches_kept = 0  # Reshapes `_keep_batch` rewrote
         self.producers = {o: n for n in graph.node for o in n.output if o}
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -348,35 +429,37 @@ class _Folder:
                 self.first_dims[value.name] = declared[0].dim_param
         self.opset = opset_of(model)
         self.batch_param = self.first_dims.get(input_name)
-        renames = self._resampled_batches(graph)
-        self.first_dims = {k: renames.get(v, v) for k, v in self.first_dims.items()}
         self.value_info = [copy.deepcopy(v) for v in inferred.graph.value_info]
+        if self.batch_param is not None:
+            self._batch_from_concrete_batches(input_name)
+
+    def _batch_from_concrete_batches(self, input_name: str) -> None:
+        """A tensor that shape inference finds [1, rows] at batch 1 and [2, rows] at batch 2
+        has the batch at axis 0, and static rows: its value info says so.
+
+        Symbolic inference gives the batch a fresh symbol after a Resize, a Reshape to -1 and
+        every broadcast that meets such a symbol, and leaves unknown the sizes computed from a
+        batch times something (MobileViT's patches, [B * C * h, w, ...]); the rewrites here and
+        the gradient rules need both.
+        """
+        one, two = (_dims_at_batch(self.model, input_name, b) for b in (1, 2))
         for value in self.value_info:
             dims = value.type.tensor_type.shape.dim
-            if dims and dims[0].dim_param in renames:
-                dims[0].dim_param = renames[dims[0].dim_param]
-
-    def _resampled_batches(self, graph: onnx.GraphProto) -> dict[str, str]:
-        """Fresh symbols shape inference gives the batch after a Resize/Upsample that keeps it
-        (scale 1 on axis 0, or sizes for the other axes only), mapped to the input's symbol."""
-        renames: dict[str, str] = {}
-        for node in graph.node:
-            if node.op_type not in ("Resize", "Upsample") or not node.output:
+            at_one, at_two = one.get(value.name), two.get(value.name)
+            if not dims or at_one is None or at_two is None:
                 continue
-            source = self.first_dims.get(node.input[0])
-            result = self.first_dims.get(node.output[0])
-            if source is None or result is None or source == result:
+            if not len(at_one) == len(at_two) == len(dims):
                 continue
-            scales_input = 1 if node.op_type == "Upsample" else 2
-            scales = self.values.get(node.input[scales_input]) if len(node.input) > 2 else None
-            axes = node_attribute(node, "axes", None)
-            if node.op_type == "Upsample" and len(node.input) > 1:
-                scales = self.values.get(node.input[1])
-            keeps = scales is not None and scales.size and float(scales.reshape(-1)[0]) == 1.0
-            keeps = keeps or (axes is not None and 0 not in [int(a) for a in axes])
-            if keeps:
-                renames[result] = renames.get(source, source)
-        return renames
+            for axis in range(1, len(dims)):
+                if not dims[axis].HasField("dim_value") and at_one[axis] == at_two[axis]:
+                    dims[axis].Clear()
+                    dims[axis].dim_value = at_one[axis]
+            batch_first = (at_one[0], at_two[0]) == (1, 2) and at_one[1:] == at_two[1:]
+            if batch_first and not dims[0].HasField("dim_value"):
+                dims[0].Clear()
+                dims[0].dim_param = str(self.batch_param)
+                self.first_dims[value.name] = str(self.batch_param)
+            self.shapes[value.name] = _dims(value) or []
 
     def fold(self, node: onnx.NodeProto) -> list[Array] | None:
         """The node's outputs if they are known constants, else None (partial values noted)."""
@@ -543,6 +626,7 @@ class _Folder:
         node.input[1] = self._constant(
             f"{node.input[1]}/keep_batch", np.array([0, *rest], np.int64)
         )
+        self.batches_kept += 1
 
     def _shape(self, node: onnx.NodeProto) -> list[Array] | None:
         dims = self.shapes.get(node.input[0])
@@ -664,24 +748,43 @@ def _row_reshape(target: Array | None, dims: list[int | None] | None) -> list[En
     return [BATCH_ENTRY, *rest] if int(np.prod(rest)) == row else None
 
 
-def _fold(model: onnx.ModelProto, input_name: str, passes: int = 64) -> int:
-    """Fold constants in place until nothing changes; return how many nodes went.
+def _fold(model: onnx.ModelProto, input_name: str, passes: int = 64) -> None:
+    """Fold constants in place until nothing changes.
 
     Each pass folds what one shape inference tells; a Reshape folded in one pass can make the
-    shapes after it static for the next (channel shuffles chain dozens of them)."""
-    total = 0
+    shapes after it static for the next (channel shuffles chain dozens of them), and one made
+    to keep the batch lets the next pass see the batch after it."""
     for _ in range(passes):
-        removed = _fold_once(model, input_name)
-        total += removed
-        if not removed:
+        if not _fold_once(model, input_name):
             break
     # Declare the shapes, with the batch's symbol carried through resamplings, so that every
     # later shape inference (layers, gradient rules) sees one batch.
     model.graph.value_info.extend(_Folder(model, input_name).value_info)
-    return total
+
+
+def _dims_at_batch(model: onnx.ModelProto, input_name: str, batch: int) -> dict[str, list[int]]:
+    """Every tensor's static dims, as shape inference finds them with the batch set."""
+    fixed = copy.deepcopy(model)
+    del fixed.graph.value_info[:]
+    for value in fixed.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name == input_name and dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception:  # onnx raises several types for models it finds inconsistent
+        return {}
+    found: dict[str, list[int]] = {}
+    for value in inferred.graph.value_info:
+        dims = _dims(value)
+        if dims is not None and all(d is not None for d in dims):
+            found[value.name] = [d for d in dims if d is not None]
+    return found
 
 
 def _fold_once(model: onnx.ModelProto, input_name: str) -> int:
+    """One pass; returns how many nodes went or were rewritten."""
     graph = model.graph
     folder = _Folder(model, input_name)
     protected = {o.name for o in graph.output} | {
@@ -723,7 +826,7 @@ def _fold_once(model: onnx.ModelProto, input_name: str) -> int:
     graph.initializer.extend([*new_initializers, *folder.added])
     removed += _drop_unread(graph)
     del graph.value_info[:]
-    return removed
+    return removed + folder.batches_kept
 
 
 def _is_identity(node: onnx.NodeProto, folder: _Folder) -> bool:
