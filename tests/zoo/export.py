@@ -223,15 +223,33 @@ class UpsampleCnn(nn.Module):  # type: ignore[misc]
 def _timm(
     name: str, *, cam: bool = False, exports: tuple[str, ...] = ("dynamo", "torchscript")
 ) -> Arch:
-    """`cam`: the head is global average pooling + the classifier (classic CAM applies)."""
+    """`cam`: the head is global average pooling + the classifier (classic CAM applies);
+    without it, whether it is is checked (`_pooled_linear_weight`)."""
     return Arch(
         name=f"timm-{name}",
         build=lambda: timm.create_model(name, num_classes=CLASSES),
         features=lambda m, x: m.forward_features(x),
         head=lambda m, f: m.forward_head(f),
-        cam_weight=lambda m: m.get_classifier().weight if cam else None,
+        cam_weight=lambda m: m.get_classifier().weight if cam else _pooled_linear_weight(m),
         exports=exports,
     )
+
+
+def _pooled_linear_weight(model: Any) -> Tensor | None:
+    """The classifier's weight if timm's head is exactly global average pooling of NCHW
+    features followed by that one Linear, as it computes on random features; else None."""
+    classifier = model.get_classifier()
+    if not isinstance(classifier, nn.Linear):
+        return None
+    features = torch.randn(2, classifier.in_features, 3, 3)
+    with torch.no_grad():
+        try:
+            head = model.forward_head(features)
+        except RuntimeError:  # features it cannot take (channels-last, tokens)
+            return None
+        pooled = classifier(features.mean((2, 3)))
+    same = head.shape == pooled.shape and torch.allclose(head, pooled, atol=1e-5)
+    return classifier.weight if same else None
 
 
 def _tv_features(name: str, build: Callable[[], nn.Module], linear: str) -> Arch:
@@ -456,8 +474,7 @@ WIDER_TIMM = (
 
 def wider_archs() -> list[Arch]:
     """A third set (`--wider`), disjoint from the other two: the session of 2026-12-02 checked
-    the service on it. Their heads are taken as timm's forward_head, so classic CAM's
-    reference is not modelled (its tests expect a refusal)."""
+    the service on it."""
     models = torchvision.models
     return [
         *(_timm(name) for name in WIDER_TIMM),
