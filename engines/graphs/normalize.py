@@ -762,10 +762,34 @@ def _fold(model: onnx.ModelProto, input_name: str, passes: int = 64) -> None:
     model.graph.value_info.extend(_Folder(model, input_name).value_info)
 
 
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference alone: large float initializers become inputs of their shape
+    (no copy of the weights); integer and small ones stay for the shape arithmetic."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    inputs = {i.name for i in model.graph.input}
+    for weight in model.graph.initializer:
+        if weight.data_type in (TensorProto.INT64, TensorProto.INT32) or (
+            int(np.prod(weight.dims)) <= _MAX_FOLDED_ELEMENTS  # Resize's scales, among them
+            and weight.data_location != TensorProto.EXTERNAL
+        ):
+            graph.initializer.append(weight)
+        elif weight.name not in inputs:
+            graph.input.append(
+                helper.make_tensor_value_info(weight.name, weight.data_type, weight.dims)
+            )
+    return light
+
+
 def _dims_at_batch(model: onnx.ModelProto, input_name: str, batch: int) -> dict[str, list[int]]:
     """Every tensor's static dims, as shape inference finds them with the batch set."""
-    fixed = copy.deepcopy(model)
-    del fixed.graph.value_info[:]
+    fixed = _without_weights(model)
     for value in fixed.graph.input:
         dims = value.type.tensor_type.shape.dim
         if value.name == input_name and dims and not dims[0].HasField("dim_value"):
