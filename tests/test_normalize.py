@@ -736,3 +736,27 @@ def normalized_model(folder: Path) -> Path:
         *_head("act"),
     ]
     return _save(folder, nodes, weights, ["N", 3, SIZE, SIZE], ["N", 3])
+
+
+def test_adaptive_pooling_written_as_a_gather_of_index_pairs_keeps_the_batch_first(
+    tmp_path: Path,
+) -> None:
+    """The dynamo exporter's adaptive average pooling 4x4 -> 3x3: Transpose to [H, W, N, C],
+    GatherND of (h, w) pairs, Transpose back, mean over each window's taps."""
+    window = np.array([[0, 1], [1, 2], [2, 3]])  # rows (and columns) of each output's window
+    pairs = np.stack(np.broadcast_arrays(window[:, :, None, None], window[None, None]), -1)
+    weights = {**_weights(), "pairs": pairs.astype(np.int64), "taps": _ints(3, 5)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("AveragePool", ["conv"], ["small"], kernel_shape=[4, 4], strides=[4, 4]),
+        helper.make_node("Transpose", ["small"], ["spatial_first"], perm=[2, 3, 0, 1]),
+        helper.make_node("GatherND", ["spatial_first", "pairs"], ["picked"]),
+        helper.make_node("Transpose", ["picked"], ["windows"], perm=[4, 5, 0, 1, 2, 3]),
+        helper.make_node("ReduceMean", ["windows", "taps"], ["pooled"], keepdims=0),
+        *_head("pooled", "gap"),
+    ]
+    folder = _save(tmp_path / "adaptive", nodes, weights, ["N", 3, SIZE, SIZE], ["N", 3], opset=18)
+
+    normalized = normalize(onnx.load(str(folder / "model.onnx")), "x", {2: SIZE, 3: SIZE})
+    assert "GatherND" not in {n.op_type for n in normalized.model.graph.node}
+    _check_against_finite_differences(folder, tmp_path)

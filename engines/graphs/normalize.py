@@ -85,6 +85,7 @@ def normalize(
     if batch == "rewritten":
         _make_batch_symbolic(result, input_name)
     _batch_first_selections(result.graph)
+    _separable_spatial_gathers(result.graph)
     _fold(result, input_name)
     _keep_pads_out_of_pools(result.graph)
     return Normalized(result, batch)
@@ -240,6 +241,82 @@ def _batch_first_selections(graph: onnx.GraphProto) -> None:
             for squeeze in squeezes:
                 squeeze.input[1] = second_axis
     del graph.value_info[:]
+
+
+def _separable_spatial_gathers(graph: onnx.GraphProto) -> None:
+    """Gather rows then columns where an exporter gathers (row, column) pairs with the batch
+    moved back.
+
+    The dynamo exporter writes adaptive average pooling to sizes that do not divide the map
+    (AlexNet's 6x6 from 1x1) as Transpose(x, [2, 3, 0, 1]) -> GatherND of (h, w) index pairs
+    [*G, 2] -> Transpose that puts N, C first again. When the pairs' rows depend on the
+    leading axes of G only and their columns on the rest (a grid), that is Gather(x, rows,
+    axis=2) -> Gather(., columns, axis=2 + len(rows.shape)): the same tensor, batch first.
+    """
+    initializers = {t.name: t for t in graph.initializer}
+    constants = _constant_node_values(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    for gather in graph.node:
+        if gather.op_type != "GatherND" or int(node_attribute(gather, "batch_dims", 0)) != 0:
+            continue
+        front = producers.get(gather.input[0])
+        after = readers.get(gather.output[0], [])
+        indices = _initializer_or_constant(gather.input[1], initializers, constants)
+        if front is None or front.op_type != "Transpose" or len(after) != 1 or indices is None:
+            continue
+        back = after[0]
+        grid = indices.shape[:-1]
+        if list(node_attribute(front, "perm", [])) != [2, 3, 0, 1] or indices.shape[-1] != 2:
+            continue
+        rank = len(grid)
+        if back.op_type != "Transpose" or list(node_attribute(back, "perm", [])) != [
+            rank,
+            rank + 1,
+            *range(rank),
+        ]:
+            continue
+        if {gather.output[0], front.output[0]} & graph_outputs or len(
+            readers.get(front.output[0], [])
+        ) != 1:
+            continue
+        split = _grid_split(indices)
+        if split is None:
+            continue
+        rows = indices[(..., 0)][(slice(None),) * split + (0,) * (rank - split)]
+        columns = indices[(..., 1)][(0,) * split]
+        out = back.output[0]
+        names = [f"{out}/rows", f"{out}/columns", f"{out}/by_rows"]
+        for name, value in zip(names, (rows, columns), strict=False):
+            graph.initializer.append(numpy_helper.from_array(value.astype(np.int64), name))
+        replaced[id(back)] = [
+            helper.make_node("Gather", [front.input[0], names[0]], [names[2]], axis=2),
+            helper.make_node("Gather", [names[2], names[1]], [out], axis=2 + split),
+        ]
+    if not replaced:
+        return
+    kept = [n for node in graph.node for n in replaced.get(id(node), [node])]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _drop_unread(graph)
+
+
+def _grid_split(indices: Array) -> int | None:
+    """s where [*G, 2] index pairs are a grid: rows vary along G's first s axes only, columns
+    along the rest only."""
+    rank = indices.ndim - 1
+    for split in range(rank + 1):
+        rows, columns = indices[..., 0], indices[..., 1]
+        rows_ok = all(np.ptp(rows, axis=a).max(initial=0) == 0 for a in range(split, rank))
+        columns_ok = all(np.ptp(columns, axis=a).max(initial=0) == 0 for a in range(split))
+        if rows_ok and columns_ok:
+            return split
+    return None
 
 
 def _keep_asymmetric_coordinates(graph: onnx.GraphProto) -> None:
