@@ -497,3 +497,45 @@ def test_a_classifying_1x1_conv_is_not_the_default_layer(kernel: int, expected: 
     assert layers[-1].name == "scores"
     assert default_layer(model, layers, classes) == expected
     assert default_layer(model, layers, classes + 1) == "scores"
+
+
+@pytest.mark.parametrize(("back", "expected"), [("same", "NCHW"), ("other", None)])
+def test_a_map_reshaped_back_after_group_norm_keeps_its_layout(
+    back: str, expected: str | None
+) -> None:
+    """GroupNorm as torch exports it: Reshape to [N, G, -1], InstanceNormalization, Reshape
+    back to the map's shape, scale and shift. Back to the same shape, every element is where it
+    was (ResNetV2's final norm is its Grad-CAM layer); to another shape, no layout is known."""
+    rng = np.random.default_rng(0)
+    back_shape = [0, CHANNELS, SIZE, SIZE] if back == "same" else [0, CHANNELS, SIZE // 2, 2 * SIZE]
+    arrays = {
+        "w": rng.normal(size=(CHANNELS, 3, 1, 1)).astype(np.float32),
+        "groups": np.array([0, 2, -1], np.int64),
+        "ones": np.ones(2, np.float32),
+        "zeros": np.zeros(2, np.float32),
+        "back": np.array(back_shape, np.int64),
+        "gamma": rng.normal(size=(CHANNELS, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["conv"]),
+        helper.make_node("Reshape", ["conv", "groups"], ["grouped"]),
+        helper.make_node("InstanceNormalization", ["grouped", "ones", "zeros"], ["normed"]),
+        helper.make_node("Reshape", ["normed", "back"], ["map"]),
+        helper.make_node("Mul", ["map", "gamma"], ["scaled"]),
+        helper.make_node("Relu", ["scaled"], ["act"]),
+        helper.make_node("GlobalAveragePool", ["act"], ["pooled"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "group-norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    layers = spatial_layers(model, InputSpec(name="x", height=SIZE, width=SIZE))
+    layouts = {layer.name: layer.layout for layer in layers}
+    assert "grouped" not in layouts
+    assert "normed" not in layouts
+    assert layouts.get("act") == expected
+    assert layouts.get("map") == expected

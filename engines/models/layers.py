@@ -174,6 +174,15 @@ def _output_layout(
     return layout
 
 
+def _keeps_positions(node: onnx.NodeProto, constants: set[str]) -> bool:
+    """Whether the output holds each element of input 0 at its position (values may change)."""
+    op = node.op_type
+    if op in ("Reshape", "InstanceNormalization"):
+        return True
+    others = [name for name in node.input[1:] if name]
+    return op in ELEMENTWISE_OPS and all(name in constants for name in others)
+
+
 def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
     """Node outputs that are 4-D feature maps of a known layout with a spatial extent above 1x1,
     in graph order."""
@@ -191,12 +200,24 @@ def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
     image = spec.name or (feeds[0] if feeds else None)
     layouts: dict[str, Layout] = {} if image is None else {image: spec.layout}
     layers: list[LayerInfo] = []
+    # Tensors of another rank whose elements sit where they sat in a 4-D map of known layout
+    # and shape: GroupNorm exports reshape to [N, G, -1], normalise, and reshape back.
+    unflattened: dict[str, tuple[Layout, tuple[int | str, ...]]] = {}
     # Valid ONNX graphs are topologically sorted: each node's inputs are known before it.
     for node in graph.node:
         if node.op_type == "Constant":
             constants.update(node.output)
             continue
         layout = _output_layout(node, layouts, ranks, constants)
+        source = node.input[0] if node.input else ""
+        if node.op_type == "Reshape" and source in layouts and source in shapes:
+            unflattened[node.output[0]] = (layouts[source], shapes[source])
+        elif source in unflattened and _keeps_positions(node, constants):
+            origin = unflattened[source]
+            if node.op_type == "Reshape" and shapes.get(node.output[0]) == origin[1]:
+                layout = layout or origin[0]
+            else:
+                unflattened[node.output[0]] = origin
         outputs = node.output[:1] if node.op_type in NCHW_OPS else node.output
         for output in outputs:
             shape = shapes.get(output)
