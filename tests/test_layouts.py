@@ -395,7 +395,8 @@ def test_a_channel_past_the_layers_own_channel_count_is_refused(client: TestClie
 
 def test_a_residual_sum_with_a_branch_of_unknown_layout_takes_the_known_ones() -> None:
     """x + f(x) where f went through a Reshape (GroupNorm as dynamo exports it): the sum's axes
-    are the Conv output's, so it is an NCHW layer, and the last one (the default)."""
+    are the Conv output's, so it is an NCHW layer, and the last one (the default). (The branch
+    is reshaped back to the Conv output's own shape, so it is NCHW too.)"""
     rng = np.random.default_rng(0)
     inits = [
         numpy_helper.from_array(rng.normal(size=(CHANNELS, 3, 1, 1)).astype(np.float32), "w"),
@@ -425,6 +426,7 @@ def test_a_residual_sum_with_a_branch_of_unknown_layout_takes_the_known_ones() -
     layers = spatial_layers(model, InputSpec(name="x", height=SIZE, width=SIZE))
     assert [(layer.name, layer.layout) for layer in layers] == [
         ("conv", "NCHW"),
+        ("branch", "NCHW"),
         ("residual", "NCHW"),
     ]
 
