@@ -510,7 +510,7 @@ def test_a_map_reshaped_back_after_group_norm_keeps_its_layout(
     was (ResNetV2's final norm is its Grad-CAM layer); to another shape, no layout is known."""
     rng = np.random.default_rng(0)
     back_shape = [0, CHANNELS, SIZE, SIZE] if back == "same" else [0, CHANNELS, SIZE // 2, 2 * SIZE]
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "w": rng.normal(size=(CHANNELS, 3, 1, 1)).astype(np.float32),
         "groups": np.array([0, 2, -1], np.int64),
         "ones": np.ones(2, np.float32),

@@ -286,3 +286,25 @@ def test_the_service_budget_counts_what_its_estimates_miss() -> None:
     assert evicted == ["measured"]
     assert measured.used_bytes() >= unseen.nbytes
     assert estimated.used_bytes() == 2 * MIB
+
+
+def _fragmented_heap(megabytes: int) -> tuple[list[bytearray], list[bytearray]]:
+    """Many small heap blocks (not mmapped), and every 50th of them to keep after the rest go:
+    the heap cannot shrink from its top, so freeing them alone returns nothing."""
+    blocks = [bytearray(16000) for _ in range(megabytes * 1000 // 16)]
+    return blocks, blocks[::50]
+
+
+def test_evicting_hands_freed_heap_memory_back_to_the_system() -> None:
+    """Resident memory must fall once evicted sessions are gone, or a budget that measures it
+    keeps evicting everything at every admission."""
+    blocks, kept = _fragmented_heap(300)
+    budget = MemoryBudget(limit_bytes=1 << 30)
+    budget.admit("gradient", "m", 200 << 20, blocks.clear)
+    before = resident_bytes()
+
+    budget.admit("gradient", "m", 900 << 20, lambda: None)  # evicts the first
+
+    assert not blocks
+    assert len(kept) > 100
+    assert before - resident_bytes() > 200 << 20

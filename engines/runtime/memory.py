@@ -10,6 +10,9 @@ Costs are estimates made from the graphs (engines.graphs.sizes), not measurement
 bounds what the process asks for; the interpreter and the libraries come on top of it.
 """
 
+import ctypes
+import ctypes.util
+import functools
 import itertools
 import os
 import threading
@@ -63,6 +66,27 @@ def resident_bytes() -> int:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim).
+
+    Evicted sessions free their memory into malloc's arenas, which keep it: resident memory
+    would stay at its peak, and a budget that measures it would evict every entry at every
+    admission from then on, rebuilding and reloading sessions into an ever more fragmented heap
+    (the zoo's 79 models grew a server to 24 GB that way)."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
@@ -251,3 +275,5 @@ class MemoryBudget:
     def _run_evictions(victims: list[_Entry]) -> None:
         for victim in victims:
             victim.evict()
+        if victims:
+            return_freed_memory()
