@@ -61,6 +61,37 @@ def test_a_full_queue_refuses_at_once() -> None:
         assert sorted(f.result(5) for f in running) == [0, 1, 2]
 
 
+def test_an_idle_batcher_lets_go_of_what_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its thread ends when no work comes, so an evicted model the batcher runs for can be
+    freed (a thread per batcher used to hold every evicted model's graphs for good), and the
+    next submit starts a thread again."""
+    import gc
+    import weakref
+
+    from engines.runtime import batcher as batching
+
+    monkeypatch.setattr(batching, "IDLE_EXIT_SECONDS", 0.05)
+
+    class Model:
+        def run(self, items: Sequence[int]) -> list[int]:
+            return [2 * i for i in items]
+
+    model = Model()
+    alive = weakref.ref(model)
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        "idle", model.run, BatchPolicy(window_seconds=0.0, max_rows=4, max_queued=4)
+    )
+    assert batcher.submit(3) == 6
+    time.sleep(0.5)
+    assert not any(t.name == "batcher-idle" for t in threading.enumerate())
+    assert batcher.submit(4) == 8  # a new thread
+
+    del model, batcher
+    time.sleep(0.5)
+    gc.collect()
+    assert alive() is None
+
+
 def test_a_request_whose_deadline_passes_in_the_queue_gets_deadline_exceeded() -> None:
     release = threading.Event()
 

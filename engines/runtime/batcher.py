@@ -70,6 +70,9 @@ def _latest_deadline(batch: Sequence[_Pending[Item, Result]]) -> Deadline:
     return latest.deadline
 
 
+IDLE_EXIT_SECONDS = 2.0
+
+
 class MicroBatcher(Generic[Item, Result]):
     def __init__(
         self,
@@ -115,10 +118,15 @@ class MicroBatcher(Generic[Item, Result]):
             )
             self._thread.start()
 
-    def _take_batch(self) -> list[_Pending[Item, Result]]:
+    def _take_batch(self) -> list[_Pending[Item, Result]] | None:
+        """The next batch, or None when none came for IDLE_EXIT_SECONDS: the thread then ends
+        (`submit` starts another), so an idle batcher holds no thread, and the thread no
+        reference to what `run_batch` reads (an evicted model's graphs and sessions)."""
         with self._condition:
             while not self._queue:
-                self._condition.wait()
+                if not self._condition.wait(timeout=IDLE_EXIT_SECONDS) and not self._queue:
+                    self._thread = None
+                    return None
             # The window runs from the oldest caller's arrival: what queued up while the last
             # batch ran has waited long enough and goes at once, keeping the session busy.
             closes = self._queue[0].queued_at + (self._policy.window_seconds or 0.0)
@@ -140,7 +148,10 @@ class MicroBatcher(Generic[Item, Result]):
 
     def _loop(self) -> None:
         while True:
-            batch = [p for p in self._take_batch() if p.future.set_running_or_notify_cancel()]
+            taken = self._take_batch()
+            if taken is None:
+                return
+            batch = [p for p in taken if p.future.set_running_or_notify_cancel()]
             live: list[_Pending[Item, Result]] = []
             for pending in batch:
                 if pending.deadline is None or pending.deadline.remaining() > 0:

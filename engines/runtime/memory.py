@@ -13,6 +13,7 @@ bounds what the process asks for; the interpreter and the libraries come on top 
 import ctypes
 import ctypes.util
 import functools
+import gc
 import itertools
 import os
 import threading
@@ -83,6 +84,7 @@ def return_freed_memory() -> None:
     would stay at its peak, and a budget that measures it would evict every entry at every
     admission from then on, rebuilding and reloading sessions into an ever more fragmented heap
     (the zoo's 79 models grew a server to 24 GB that way)."""
+    gc.collect()  # sessions held in reference cycles are freed here, not when evicted
     libc = _libc()
     trim = getattr(libc, "malloc_trim", None) if libc is not None else None
     if trim is not None:
@@ -119,6 +121,8 @@ class MemoryBudget:
         """`measure_process`: the process's own growth in resident memory since now counts too
         whenever it exceeds the estimates (the service's budget: it is alone in its process)."""
         self.limit_bytes = limit_bytes if limit_bytes else default_budget_bytes()
+        if measure_process:
+            return_freed_memory()  # from a trimmed heap, so later trims do not undercount
         self._baseline = resident_bytes() if measure_process else None
         self.max_builds = max_builds
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
