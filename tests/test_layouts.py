@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engines.imaging.decode import preprocess
 from engines.methods.occlusion import Occlusion
-from engines.models.layers import default_layer, spatial_layers
+from engines.models.layers import LayerInfo, default_layer, spatial_layers
 from engines.models.loaded import LoadedModel
 from engines.runtime.session import RuntimeOptions
 from schemas.model_config import InputSpec
@@ -393,16 +393,33 @@ def test_a_channel_past_the_layers_own_channel_count_is_refused(client: TestClie
     assert "out of range" in response.json()["error"]["message"]
 
 
+def _layers_of(
+    nodes: list[onnx.NodeProto], arrays: dict[str, np.ndarray], opset: int = OPSET
+) -> list[LayerInfo]:
+    """The spatial layers of a graph from x [N, 3, SIZE, SIZE] to `pooled`."""
+    graph = helper.make_graph(
+        nodes,
+        "layers",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return spatial_layers(model, InputSpec(name="x", height=SIZE, width=SIZE))
+
+
 def test_a_residual_sum_with_a_branch_of_unknown_layout_takes_the_known_ones() -> None:
     """x + f(x) where f went through a Reshape (GroupNorm as dynamo exports it): the sum's axes
     are the Conv output's, so it is an NCHW layer, and the last one (the default). (The branch
     is reshaped back to the Conv output's own shape, so it is NCHW too.)"""
     rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.normal(size=(CHANNELS, 3, 1, 1)).astype(np.float32), "w"),
-        numpy_helper.from_array(np.array([0, 1, -1], np.int64), "grouped"),
-        numpy_helper.from_array(np.array([0, CHANNELS, SIZE, SIZE], np.int64), "back"),
-    ]
+    arrays: dict[str, np.ndarray] = {
+        "w": rng.normal(size=(CHANNELS, 3, 1, 1)).astype(np.float32),
+        "grouped": np.array([0, 1, -1], np.int64),
+        "back": np.array([0, CHANNELS, SIZE, SIZE], np.int64),
+        "s": np.ones(1, np.float32),
+        "b": np.zeros(1, np.float32),
+    }
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["conv"]),
         helper.make_node("Reshape", ["conv", "grouped"], ["flat"]),
@@ -411,19 +428,7 @@ def test_a_residual_sum_with_a_branch_of_unknown_layout_takes_the_known_ones() -
         helper.make_node("Add", ["conv", "branch"], ["residual"]),
         helper.make_node("GlobalAveragePool", ["residual"], ["pooled"]),
     ]
-    inits += [
-        numpy_helper.from_array(np.ones(1, np.float32), "s"),
-        numpy_helper.from_array(np.zeros(1, np.float32), "b"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "residual",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", CHANNELS, 1, 1])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    layers = spatial_layers(model, InputSpec(name="x", height=SIZE, width=SIZE))
+    layers = _layers_of(nodes, arrays)
     assert [(layer.name, layer.layout) for layer in layers] == [
         ("conv", "NCHW"),
         ("branch", "NCHW"),
@@ -440,26 +445,18 @@ def test_a_channels_last_matmul_by_a_weight_matrix_keeps_the_layout(
     layer (and the default); a batched MatMul mixes positions and gives no layout."""
     rng = np.random.default_rng(0)
     weight_shape = (CHANNELS, 6) if weight_rank == 2 else (SIZE, CHANNELS, CHANNELS)
-    inits = [
-        numpy_helper.from_array(rng.normal(size=(CHANNELS, 3, 1, 1)).astype(np.float32), "w"),
-        numpy_helper.from_array(rng.normal(size=weight_shape).astype(np.float32), "fc"),
-    ]
+    arrays: dict[str, np.ndarray] = {
+        "w": rng.normal(size=(CHANNELS, 3, 1, 1)).astype(np.float32),
+        "fc": rng.normal(size=weight_shape).astype(np.float32),
+        "axes": np.array([1, 2], np.int64),
+    }
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["conv"]),
         helper.make_node("Transpose", ["conv"], ["last"], perm=[0, 2, 3, 1]),
         helper.make_node("MatMul", ["last", "fc"], ["mixed"]),
         helper.make_node("ReduceMean", ["mixed", "axes"], ["pooled"], keepdims=0),
     ]
-    inits.append(numpy_helper.from_array(np.array([1, 2], np.int64), "axes"))
-    graph = helper.make_graph(
-        nodes,
-        "channels-last",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None)],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    layers = spatial_layers(model, InputSpec(name="x", height=SIZE, width=SIZE))
+    layers = _layers_of(nodes, arrays, opset=18)
     layouts = {layer.name: layer.layout for layer in layers}
     assert layouts.get("last") == "NHWC"
     assert layouts.get("mixed") == expected
@@ -527,15 +524,7 @@ def test_a_map_reshaped_back_after_group_norm_keeps_its_layout(
         helper.make_node("Relu", ["scaled"], ["act"]),
         helper.make_node("GlobalAveragePool", ["act"], ["pooled"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "group-norm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v, k) for k, v in arrays.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    layers = spatial_layers(model, InputSpec(name="x", height=SIZE, width=SIZE))
+    layers = _layers_of(nodes, arrays, opset=18)
     layouts = {layer.name: layer.layout for layer in layers}
     assert "grouped" not in layouts
     assert "normed" not in layouts

@@ -40,7 +40,6 @@ ACTIVATION = "activation"
 GRAD_LAYER = "grad_layer"
 GRAD_INPUT = "grad_input"
 RESERVED = (SEED, ACTIVATION, GRAD_LAYER, GRAD_INPUT)
-# Ops whose rules apply guided backprop's filter (negative gradients stop there).
 
 
 @dataclass(frozen=True)

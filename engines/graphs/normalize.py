@@ -164,6 +164,15 @@ def _keep_pads_out_of_pools(graph: onnx.GraphProto) -> None:
         node.input.append(name)
 
 
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes that read each tensor, in graph order."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def _batch_first_selections(graph: onnx.GraphProto) -> None:
     """Keep the batch first where attention splits its fused q, k, v projections.
 
@@ -175,10 +184,7 @@ def _batch_first_selections(graph: onnx.GraphProto) -> None:
     """
     initializers = {t.name: t for t in graph.initializer}
     constants = _constant_node_values(graph)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     graph_outputs = {o.name for o in graph.output}
 
     def ints(name: str) -> list[int] | None:
@@ -256,10 +262,7 @@ def _separable_spatial_gathers(graph: onnx.GraphProto) -> None:
     initializers = {t.name: t for t in graph.initializer}
     constants = _constant_node_values(graph)
     producers = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     graph_outputs = {o.name for o in graph.output}
     replaced: dict[int, list[onnx.NodeProto]] = {}
     for gather in graph.node:
@@ -310,8 +313,8 @@ def _grid_split(indices: Array) -> int | None:
     """s where [*G, 2] index pairs are a grid: rows vary along G's first s axes only, columns
     along the rest only."""
     rank = indices.ndim - 1
+    rows, columns = indices[..., 0], indices[..., 1]
     for split in range(rank + 1):
-        rows, columns = indices[..., 0], indices[..., 1]
         rows_ok = all(np.ptp(rows, axis=a).max(initial=0) == 0 for a in range(split, rank))
         columns_ok = all(np.ptp(columns, axis=a).max(initial=0) == 0 for a in range(split))
         if rows_ok and columns_ok:
@@ -519,7 +522,8 @@ class _Folder:
         batch times something (MobileViT's patches, [B * C * h, w, ...]); the rewrites here and
         the gradient rules need both.
         """
-        one, two = (_dims_at_batch(self.model, input_name, b) for b in (1, 2))
+        light = _without_weights(self.model)
+        one, two = (_dims_at_batch(light, input_name, b) for b in (1, 2))
         for value in self.value_info:
             dims = value.type.tensor_type.shape.dim
             at_one, at_two = one.get(value.name), two.get(value.name)
@@ -834,7 +838,7 @@ def _fold(model: onnx.ModelProto, input_name: str, passes: int = 64) -> None:
     for _ in range(passes):
         if not _fold_once(model, input_name):
             break
-    # Declare the shapes, with the batch's symbol carried through resamplings, so that every
+    # Declare the shapes, with the batch's symbol wherever the batch is axis 0, so that every
     # later shape inference (layers, gradient rules) sees one batch.
     model.graph.value_info.extend(_Folder(model, input_name).value_info)
 
@@ -864,16 +868,16 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def _dims_at_batch(model: onnx.ModelProto, input_name: str, batch: int) -> dict[str, list[int]]:
-    """Every tensor's static dims, as shape inference finds them with the batch set."""
-    fixed = _without_weights(model)
-    for value in fixed.graph.input:
+def _dims_at_batch(light: onnx.ModelProto, input_name: str, batch: int) -> dict[str, list[int]]:
+    """Every tensor's static dims, as shape inference finds them with the batch set on
+    `light` (a `_without_weights` copy, whose input it changes)."""
+    for value in light.graph.input:
         dims = value.type.tensor_type.shape.dim
-        if value.name == input_name and dims and not dims[0].HasField("dim_value"):
+        if value.name == input_name and dims:
             dims[0].Clear()
             dims[0].dim_value = batch
     try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # onnx raises several types for models it finds inconsistent
         return {}
     found: dict[str, list[int]] = {}
