@@ -192,6 +192,18 @@ CASES = [
             node("Mean", ["x", "s", "mean"]),
         ),
     ),
+    # SiLU as exporters write it: one backward rule for the pair, either operand order
+    Case("silu", MAP, (node("Sigmoid", ["x"], "s"), node("Mul", ["x", "s"]))),
+    Case("silu_gate_first_2d", VECTOR, (node("Sigmoid", ["x"], "s"), node("Mul", ["s", "x"]))),
+    Case(
+        "silu_sigmoid_read_again",
+        MAP,
+        (
+            node("Sigmoid", ["x"], "s"),
+            node("Mul", ["x", "s"], "y"),
+            node("Add", ["y", "s"]),
+        ),
+    ),
     # Where and Cast
     Case(
         "where",

@@ -7,6 +7,7 @@ output[n, j]) / d tensor, with n = m when the batch N equals M, or n = 0 when N 
 broadcast forward tensors [1, ...] against gradients [M, ...], so M seeds cost one forward).
 """
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from engines.graphs.context import (
 from engines.graphs.deeplift import RESCALED, add_reference_branch, reference_input, rescaled
 from engines.graphs.derivatives import RULES
 from engines.graphs.normalize import at_gradient_opset, opset_of
+from engines.graphs.pointwise import swish, swish_muls
 from engines.graphs.shapes import with_shapes
 
 log = logging.getLogger(__name__)
@@ -358,6 +360,8 @@ def _backward(
     forward tensor's twin on the baseline branch) nonlinearities take DeepLift's rescale rule."""
     contributions: dict[str, list[str]] = {output: [SEED]}
     totals: dict[str, str] = {}
+    # DeepLift rescales at the Sigmoid, so its graphs keep the two nodes apart
+    swishes = {} if reference is not None else swish_muls(graph, active, targets)
 
     def total(name: str) -> str | None:
         if name not in totals and contributions.get(name):
@@ -372,6 +376,8 @@ def _backward(
         if all(g is None for g in grads):
             continue
         rule = RULES.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
+        if node.output[0] in swishes:
+            rule = functools.partial(swish, x_index=swishes[node.output[0]])
         if rule is None:
             label = node.name or node.output[0]
             raise UnsupportedModel(f"cannot differentiate {node.op_type} node {label!r}")

@@ -5,17 +5,20 @@ gradient (batch M), which broadcasts them along axis 0.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
+import onnx
 from onnx import TensorProto
 
 from engines.graphs import masks
 from engines.graphs.context import (
+    DEFAULT_DOMAINS,
     Grads,
     NodeGrad,
     first_input_grad,
     guided_filter,
+    subgraph_reads,
     unbroadcast,
     zero_grads,
 )
@@ -138,6 +141,43 @@ def log_softmax(ctx: NodeGrad) -> Grads:
     total = ctx.op("ReduceSum", [ctx.grad, ctx.emit.ints([axis])], keepdims=1)
     spread = ctx.op("Mul", [ctx.op("Exp", [y]), total])
     return first_input_grad(ctx, ctx.op("Sub", [ctx.grad, spread]))
+
+
+def swish_muls(
+    graph: onnx.GraphProto, active: Collection[str], kept: Collection[str]
+) -> dict[str, int]:
+    """SiLU as exporters write it, Mul(x, Sigmoid(x)), where nothing else reads the sigmoid:
+    each such Mul's output -> the index of its input x (see `swish`)."""
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in {*node.input, *subgraph_reads(node)}:
+            readers[name] = readers.get(name, 0) + 1
+    sigmoids = {
+        n.output[0]: n.input[0]
+        for n in graph.node
+        if n.op_type == "Sigmoid" and n.domain in DEFAULT_DOMAINS and n.output[0] not in kept
+    }
+    found = {}
+    for node in graph.node:
+        if node.op_type != "Mul" or node.domain not in DEFAULT_DOMAINS or len(node.input) != 2:
+            continue
+        for index, (x, gate) in enumerate((node.input, node.input[::-1])):
+            if sigmoids.get(gate) == x and readers[gate] == 1 and node.output[0] in active:
+                found[node.output[0]] = index
+    return found
+
+
+def swish(ctx: NodeGrad, x_index: int) -> Grads:
+    """y = x s with s = sigmoid(x), through both factors: y' = s + x s (1 - s) = s (1 + x - y).
+
+    Three passes over the map (1 - y + x, times s, times the gradient) where the Mul's and the
+    Sigmoid's own rules take six and a sum; the Sigmoid node is then left out of the backward.
+    """
+    x, gate, y = ctx.node.input[x_index], ctx.node.input[1 - x_index], ctx.node.output[0]
+    rest = ctx.op("Add", [masks.affine(ctx, y, -1.0, 1.0), x])
+    grads = zero_grads(ctx)
+    grads[x_index] = ctx.op("Mul", [ctx.grad, ctx.op("Mul", [gate, rest])])
+    return grads
 
 
 # --- ReLU-like activations: the guided filter applies --------------------------------------
