@@ -802,6 +802,25 @@ def keras_extra_cases() -> list[tuple[Export, Callable[[], Any]]]:
     ]
 
 
+def keras_wider_cases() -> list[tuple[Export, Callable[[], Any]]]:
+    """keras.applications for `--wider`. Xception and InceptionV3 need more than 64 px; Keras 3
+    has no NASNetMobile on the torch backend."""
+    import keras
+
+    apps = keras.applications
+    common = {"weights": None, "input_shape": (SIZE, SIZE, 3), "classes": CLASSES}
+    builds: dict[str, Callable[[], Any]] = {
+        "resnet50_v2": lambda: apps.ResNet50V2(classifier_activation=None, **common),
+        "densenet121": lambda: apps.DenseNet121(classifier_activation=None, **common),
+        "efficientnet_v2_b0": lambda: apps.EfficientNetV2B0(classifier_activation=None, **common),
+        "mobilenet_v3_large": lambda: apps.MobileNetV3Large(
+            alpha=0.75, classifier_activation=None, **common
+        ),
+        "resnet50": lambda: apps.ResNet50(classifier_activation=None, **common),
+    }
+    return [(Export(f"keras-{n}", f"keras-{n}", "keras"), b) for n, b in builds.items()]
+
+
 def keras_forward(model: Any) -> Forward:
     import keras
 
@@ -942,7 +961,9 @@ def main(argv: list[str] | None = None) -> int:
 
         manifest[export.name] = run_case(root, export, image, make_torch, not args.no_references)
 
-    keras_builds = [] if args.wider else keras_extra_cases() if args.extra else keras_cases()
+    keras_builds = (
+        keras_wider_cases() if args.wider else keras_extra_cases() if args.extra else keras_cases()
+    )
     for export, build in keras_builds:
         if not wanted(export.name):
             continue
