@@ -254,6 +254,24 @@ CASES = [
         {"dw/w": w(4, 1, 3, 3)},
     ),
     Case(
+        "conv_depthwise_5x5_stride2_uneven_pads",
+        (4, 8, 8),
+        (node("Conv", ["x", "dw/w"], group=4, strides=[2, 2], pads=[1, 1, 2, 2]),),
+        {"dw/w": w(4, 1, 5, 5)},
+    ),
+    Case(
+        "conv_depthwise_stride2_unpadded_even",
+        (4, 8, 6),
+        (node("Conv", ["x", "dw/w"], group=4, strides=[2, 2]),),
+        {"dw/w": w(4, 1, 3, 3)},
+    ),
+    Case(
+        "conv_depthwise_multiplier2_stride2",
+        (4, 7, 7),
+        (node("Conv", ["x", "dw/w"], group=4, strides=[2, 2], pads=[1, 1, 1, 1]),),
+        {"dw/w": w(8, 1, 3, 3)},
+    ),
+    Case(
         "conv_depthwise_5x5_strides_3_2",
         (4, 8, 9),
         (node("Conv", ["x", "dw/w"], group=4, strides=[3, 2], pads=[2, 1, 2, 2]),),
