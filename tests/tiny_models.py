@@ -76,6 +76,43 @@ def small_cnn_model(path: Path, size: int = 16) -> None:
     _save(graph, path)
 
 
+def quantized_cnn_model(path: Path, size: int = 16) -> None:
+    """`small_cnn_model` as onnxruntime's static quantizer writes it (QDQ format): the input and
+    the ReLU's output pass through QuantizeLinear -> DequantizeLinear (int8, scale 1/64), so
+    class c's logit is the mean of ReLU(input channel c) rounded to 1/64."""
+    small_cnn_model(path, size)
+    model = onnx.load(str(path))
+    graph = model.graph
+    renamed = {"x": "x_dq", "relu": "relu_dq"}
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    quantize = []
+    for name in ("x", "relu"):
+        quantize += [
+            helper.make_node(
+                "QuantizeLinear", [name, "q_scale", "q_zero"], [f"{name}_q"], name=f"{name}_Q"
+            ),
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{name}_q", "q_scale", "q_zero"],
+                [f"{name}_dq"],
+                name=f"{name}_DQ",
+            ),
+        ]
+    nodes = list(graph.node)
+    relu = next(i for i, n in enumerate(nodes) if n.op_type == "Relu")
+    nodes = [*quantize[:2], *nodes[: relu + 1], *quantize[2:], *nodes[relu + 1 :]]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(1 / 64, np.float32), "q_scale"),
+            numpy_helper.from_array(np.array(0, np.int8), "q_zero"),
+        ]
+    )
+    _save(graph, path)
+
+
 def write_model_folder(
     folder: Path,
     build: str = "small_cnn",
@@ -96,6 +133,8 @@ def write_model_folder(
         region_mean_model(folder / "model.onnx", size=size)
     elif build == "weighted_region":
         weighted_region_model(folder / "model.onnx", size=size)
+    elif build == "quantized_cnn":
+        quantized_cnn_model(folder / "model.onnx", size=size)
     elif build == "strided_residual":
         strided_residual_model(folder / "model.onnx", size=size)
     else:

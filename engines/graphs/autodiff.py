@@ -88,7 +88,7 @@ def build_gradient_model(model: onnx.ModelProto, spec: GradientSpec) -> onnx.Mod
     sources = {name for name in (layer, data_input if spec.wrt_input else None) if name}
     active = _active_tensors(graph.node, sources, spec.output, info)
     if spec.wrt_input and data_input not in active:
-        raise UnsupportedModel(f"output {spec.output!r} does not depend on the model input")
+        raise _unreachable(graph.node, data_input, spec.output, info)
     _check_float32(active, info)
     _check_subgraphs(graph, active)
     if spec.guided:
@@ -324,6 +324,37 @@ def _check_guided(graph: onnx.GraphProto, active: set[str], info: GraphInfo) -> 
     )
 
 
+QUANTIZING = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
+VALUELESS = frozenset({"Shape", "Size"})  # integer outputs that carry no values of the input
+
+
+def _unreachable(
+    nodes: Sequence[onnx.NodeProto], source: str, output: str, info: GraphInfo
+) -> UnsupportedModel:
+    """Why no gradient flows from `output` back to `source`: the first node on a path between
+    them whose outputs are not float (a quantized model's QuantizeLinear, a Cast to an
+    integer), or no path at all."""
+    ancestors = _ancestors(nodes, output)
+    floats = {source}
+    for node in nodes:
+        if not any(i in floats for i in [*node.input, *subgraph_reads(node)] if i):
+            continue
+        kept = [o for o in node.output if o and info.is_float(o)]
+        floats.update(kept)
+        if kept or node.op_type in VALUELESS or not any(o in ancestors for o in node.output):
+            continue
+        label = node.name or node.output[0]
+        kind = TensorProto.DataType.Name(info.elem_types.get(node.output[0], 0)).lower()
+        hint = (
+            " (a quantized model: explain its float original)" if node.op_type in QUANTIZING else ""
+        )
+        return UnsupportedModel(
+            f"cannot differentiate {node.op_type} node {label!r}: its output is {kind}, not a "
+            f"float, and {output!r} depends on {source!r} only through integer tensors{hint}"
+        )
+    return UnsupportedModel(f"output {output!r} does not depend on {source!r}")
+
+
 def _ancestors(nodes: Sequence[onnx.NodeProto], output: str) -> set[str]:
     """Every tensor `output` is computed from (itself included), subgraphs' reads among them."""
     needed = {output}
@@ -399,7 +430,7 @@ def _backward(
     for name in targets:
         grad = total(name)
         if grad is None:
-            raise UnsupportedModel(f"output {output!r} does not depend on {name!r}")
+            raise _unreachable(graph.node, name, output, info)
         result[name] = grad
     every: dict[str, set[str]] = {}
     for name, parts in contributions.items():

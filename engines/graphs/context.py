@@ -25,6 +25,7 @@ PREFIX = "grad/"
 INT64_MAX = int(np.iinfo(np.int64).max)
 FLT_MAX = float(np.finfo(np.float32).max)
 DEFAULT_DOMAINS = ("", "ai.onnx")
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 def node_attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
@@ -144,13 +145,7 @@ class GraphInfo:
         self.elem_types[name] = helper.np_dtype_to_tensor_dtype(value.dtype)
 
     def is_float(self, name: str) -> bool:
-        elem = self.elem_types.get(name, TensorProto.FLOAT)
-        return elem in (
-            TensorProto.FLOAT,
-            TensorProto.DOUBLE,
-            TensorProto.FLOAT16,
-            TensorProto.BFLOAT16,
-        )
+        return self.elem_types.get(name, TensorProto.FLOAT) in FLOAT_TYPES
 
 
 @dataclass

@@ -14,6 +14,7 @@ from onnx import TensorProto
 from engines.graphs import masks
 from engines.graphs.context import (
     DEFAULT_DOMAINS,
+    FLOAT_TYPES,
     Grads,
     NodeGrad,
     first_input_grad,
@@ -24,8 +25,6 @@ from engines.graphs.context import (
 )
 
 Rule = Callable[[NodeGrad], Grads]
-
-FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 def _times(ctx: NodeGrad, local: str) -> Grads:

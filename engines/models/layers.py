@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from engines.graphs.context import DEFAULT_DOMAINS, node_attribute
+from engines.graphs.context import DEFAULT_DOMAINS, FLOAT_TYPES, node_attribute
 from engines.graphs.shapes import with_shapes
 from schemas.model_config import InputSpec, Layout, channel_axis, spatial_axes
 
@@ -188,10 +188,13 @@ def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
     in graph order."""
     graph = with_shapes(model).graph  # best effort: a model without shapes has no list
     shapes: dict[str, tuple[int | str, ...]] = {}
+    integer: set[str] = set()  # a quantized model's int8 maps: no layer to explain or show
     for value_info in [*graph.input, *graph.value_info, *graph.output]:
         shape = shape_of(value_info)
         if shape is not None:
             shapes[value_info.name] = shape
+        if value_info.type.tensor_type.elem_type not in (*FLOAT_TYPES, onnx.TensorProto.UNDEFINED):
+            integer.add(value_info.name)
     ranks = {name: len(shape) for name, shape in shapes.items()}
     ranks.update({init.name: len(init.dims) for init in graph.initializer})
     constants = {init.name for init in graph.initializer}
@@ -226,7 +229,7 @@ def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
             layouts[output] = layout
             info = LayerInfo(output, node.op_type, shape, layout)
             extent = [shape[a] for a in info.spatial_axes]
-            if all(isinstance(d, int) and d > 1 for d in extent):
+            if all(isinstance(d, int) and d > 1 for d in extent) and output not in integer:
                 layers.append(info)
     return layers
 
