@@ -36,18 +36,26 @@ class InputSpec(BaseModel):
         "side to size / crop_fraction and cuts the centre.",
     )
     crop_fraction: float = Field(default=0.875, gt=0.0, le=1.0)
-    color: Literal["RGB", "BGR"] = "RGB"
+    color: Literal["RGB", "BGR", "GRAY"] = Field(
+        default="RGB",
+        description="The model's channels: `GRAY` is one channel of luminance (ITU-R 601-2, "
+        "as PIL's convert('L') and torchvision's Grayscale compute it).",
+    )
     layout: Layout = "NCHW"
     scale: float = Field(default=1.0 / 255.0, gt=0.0, le=1.0)
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    mean: tuple[float, float, float] | tuple[float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] | tuple[float] = (1.0, 1.0, 1.0)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "GRAY" else 3
 
     @property
     def image_dims(self) -> tuple[int, int, int]:
-        """One image's input dims, without the batch axis: (3, H, W) or (H, W, 3)."""
+        """One image's input dims, without the batch axis: (C, H, W) or (H, W, C)."""
         if self.layout == "NCHW":
-            return (3, self.height, self.width)
-        return (self.height, self.width, 3)
+            return (self.channels, self.height, self.width)
+        return (self.height, self.width, self.channels)
 
     @property
     def spatial_axes(self) -> tuple[int, int]:
@@ -58,6 +66,14 @@ class InputSpec(BaseModel):
     def _std_positive(self) -> "InputSpec":
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) == self.channels:
+                continue
+            if self.channels == 1 and len(set(values)) == 1:  # the default, or one value thrice
+                setattr(self, name, (values[0],))
+                continue
+            raise ValueError(f"{name} needs {self.channels} value(s) for color {self.color}")
         return self
 
 

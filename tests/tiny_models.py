@@ -113,6 +113,28 @@ def quantized_cnn_model(path: Path, size: int = 16) -> None:
     _save(graph, path)
 
 
+def gray_brightness_model(path: Path, size: int = 16) -> None:
+    """A one-channel (grayscale) CNN: Conv(1->2, 1x1, weights +1 and -1) -> Relu ->
+    GlobalAveragePool -> Flatten, so logit 0 is the mean of ReLU(x) ("bright") and logit 1
+    the mean of ReLU(-x) ("dark")."""
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w"], ["conv"]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gray_brightness",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        initializer=[
+            numpy_helper.from_array(np.array([1.0, -1.0], np.float32).reshape(2, 1, 1, 1), "conv_w")
+        ],
+    )
+    _save(graph, path)
+
+
 def write_model_folder(
     folder: Path,
     build: str = "small_cnn",
@@ -120,8 +142,8 @@ def write_model_folder(
     layout: str = "NCHW",
     color: str = "RGB",
     scale: float = 1.0,
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+    std: tuple[float, ...] = (1.0, 1.0, 1.0),
     output: str = "logits",
     size: int = 16,
     labels: tuple[str, ...] = ("red", "green", "blue"),
@@ -133,6 +155,8 @@ def write_model_folder(
         region_mean_model(folder / "model.onnx", size=size)
     elif build == "weighted_region":
         weighted_region_model(folder / "model.onnx", size=size)
+    elif build == "gray_brightness":
+        gray_brightness_model(folder / "model.onnx", size=size)
     elif build == "quantized_cnn":
         quantized_cnn_model(folder / "model.onnx", size=size)
     elif build == "strided_residual":

@@ -286,10 +286,12 @@ def normalize_fitted(fitted: Sequence[np.ndarray] | np.ndarray, spec: InputSpec)
     std = np.asarray(spec.std, dtype=np.float64)
     gain = (spec.scale / std).astype(np.float32)[:, None, None]
     offset = (-np.asarray(spec.mean, dtype=np.float64) / std).astype(np.float32)[:, None, None]
-    batch = np.empty((len(fitted), 3, spec.height, spec.width), dtype=np.float32)
+    batch = np.empty((len(fitted), spec.channels, spec.height, spec.width), dtype=np.float32)
     for i, image in enumerate(fitted):
         if spec.color == "BGR":
             image = image[..., ::-1]
+        elif spec.color == "GRAY":
+            image = luminance(image)[..., None]
         # Channel planes first: numpy broadcasts over a last axis of 3 some 20x slower.
         planes = batch[i]
         planes[...] = image.transpose(2, 0, 1)
@@ -298,6 +300,18 @@ def normalize_fitted(fitted: Sequence[np.ndarray] | np.ndarray, spec: InputSpec)
     if spec.layout == "NHWC":
         return np.ascontiguousarray(batch.transpose(0, 2, 3, 1))
     return batch
+
+
+def luminance(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB -> (H, W) gray, L = (19595 R + 38470 G + 7471 B) / 2^16: PIL's
+    convert("L") bit for bit on uint8 images (rounded), the same weights on float pixels."""
+    if image.dtype == np.uint8:
+        wide = image.astype(np.uint32)
+        total = wide[..., 0] * 19595 + wide[..., 1] * 38470 + wide[..., 2] * 7471 + 0x8000
+        return (total >> 16).astype(np.uint8)
+    weights = np.array([19595, 38470, 7471], dtype=np.float64) / 65536.0
+    gray: np.ndarray = image.astype(np.float64) @ weights
+    return gray
 
 
 def to_pixels(tensor: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -310,6 +324,8 @@ def to_pixels(tensor: np.ndarray, spec: InputSpec) -> np.ndarray:
     values = (values * std + mean) / spec.scale
     if spec.color == "BGR":
         values = values[..., ::-1]
+    elif spec.color == "GRAY":
+        values = np.repeat(values, 3, axis=-1)
     return np.ascontiguousarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
 
 

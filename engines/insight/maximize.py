@@ -42,7 +42,8 @@ class Maximized:
 
 
 def _channel_shape(spec: InputSpec) -> tuple[int, ...]:
-    return (1, 3, 1, 1) if spec.layout == "NCHW" else (1, 1, 1, 3)
+    channels = spec.channels
+    return (1, channels, 1, 1) if spec.layout == "NCHW" else (1, 1, 1, channels)
 
 
 def valid_range(spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
