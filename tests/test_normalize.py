@@ -760,3 +760,21 @@ def test_adaptive_pooling_written_as_a_gather_of_index_pairs_keeps_the_batch_fir
     normalized = normalize(onnx.load(str(folder / "model.onnx")), "x", {2: SIZE, 3: SIZE})
     assert "GatherND" not in {n.op_type for n in normalized.model.graph.node}
     _check_against_finite_differences(folder, tmp_path)
+
+
+def test_an_output_of_pooled_class_maps_is_flattened_for_gradients(tmp_path: Path) -> None:
+    """A convolutional head pooled straight to the output, [N, classes, 1, 1] (the ONNX model
+    zoo's SqueezeNet): the gradient graphs read it as [N, classes]."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("Conv", ["relu", "head"], ["class_maps"]),
+        helper.make_node("GlobalAveragePool", ["class_maps"], ["logits"]),
+    ]
+    weights = {**_weights(), "head": RNG.normal(size=(3, 4, 1, 1)).astype(np.float32)}
+    del weights["fc"]
+    folder = _save(tmp_path / "maps", nodes, weights, ["N", 3, SIZE, SIZE], ["N", 3, 1, 1])
+    normalized = normalize(onnx.load(str(folder / "model.onnx")), "x", {2: SIZE, 3: SIZE})
+    (output,) = normalized.model.graph.output
+    assert len(output.type.tensor_type.shape.dim) == 2
+    _check_against_finite_differences(folder, tmp_path)

@@ -84,6 +84,7 @@ def normalize(
         batch = "rewritten" if rewrite_batch else "one_row"
     if batch == "rewritten":
         _make_batch_symbolic(result, input_name)
+    _flatten_class_maps(result.graph)
     _batch_first_selections(result.graph)
     _separable_spatial_gathers(result.graph)
     _fold(result, input_name)
@@ -130,6 +131,24 @@ def at_gradient_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     if opset < RESIZE_COORDINATES_OPSET:
         _keep_asymmetric_coordinates(converted.graph)
     return converted
+
+
+def _flatten_class_maps(graph: onnx.GraphProto) -> None:
+    """Outputs [N, classes, 1, 1] (a convolutional head pooled without a Flatten, as in the ONNX
+    model zoo's SqueezeNet) become [N, classes]: a Flatten is added under the output's name."""
+    for output in graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) < 3 or any(d.dim_value != 1 for d in dims[2:]):
+            continue
+        producer = next((n for n in graph.node if output.name in n.output), None)
+        if producer is None:
+            continue
+        maps = output.name + "/maps"
+        producer.output[list(producer.output).index(output.name)] = maps
+        for node in graph.node:
+            node.input[:] = [maps if i == output.name else i for i in node.input]
+        graph.node.append(helper.make_node("Flatten", [maps], [output.name], axis=1))
+        del dims[2:]
 
 
 def _pads_into_pools(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
