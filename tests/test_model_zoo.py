@@ -179,7 +179,9 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zoo]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(base, process, log, seconds=300)
+        # every model loads (normalised, its support table found) before /readyz: the wider
+        # zoo's 84 exports take ~7 minutes on 2 cores
+        wait_until_ready(base, process, log, seconds=120 + 10 * len(exports))
         wait_for_models(base, [name for name, e in exports.items() if "error" not in e])
         with httpx2.Client() as client:
             yield Zoo(
