@@ -40,6 +40,10 @@ def channel_mean_model(path: Path, layout: str = "NCHW", size: int = 16) -> None
 
 
 def small_cnn_model(path: Path, size: int = 16) -> None:
+    _save(_small_cnn_graph(size), path)
+
+
+def _small_cnn_graph(size: int) -> onnx.GraphProto:
     """Conv(3->4, 3x3, pad 1) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(4->3).
 
     Conv channels 0-2 copy input channels 0-2 (a centre tap of 1) and channel 3 is random; the
@@ -73,16 +77,14 @@ def small_cnn_model(path: Path, size: int = 16) -> None:
             numpy_helper.from_array(fc_b, "fc_b"),
         ],
     )
-    _save(graph, path)
+    return graph
 
 
 def quantized_cnn_model(path: Path, size: int = 16) -> None:
     """`small_cnn_model` as onnxruntime's static quantizer writes it (QDQ format): the input and
     the ReLU's output pass through QuantizeLinear -> DequantizeLinear (int8, scale 1/64), so
     class c's logit is the mean of ReLU(input channel c) rounded to 1/64."""
-    small_cnn_model(path, size)
-    model = onnx.load(str(path))
-    graph = model.graph
+    graph = _small_cnn_graph(size)
     renamed = {"x": "x_dq", "relu": "relu_dq"}
     for node in graph.node:
         node.input[:] = [renamed.get(i, i) for i in node.input]
