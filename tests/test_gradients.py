@@ -227,6 +227,35 @@ MAX_POOL_CASES = [
     ),
 ]
 
+# Strided kernels of at least stride + 2 go by phases: a stride-1 Conv, then Col2Im (from
+# opset 18) or DepthToSpace to interleave them.
+PHASE_CASES = [
+    Case(
+        "conv_7x7_stride2_phases",
+        (3, 15, 14),
+        (node("Conv", ["x", "k7/w", "k7/b"], strides=[2, 2], pads=[3, 3, 3, 3]),),
+        {"k7/w": w(5, 3, 7, 7, scale=0.2), "k7/b": w(5)},
+    ),
+    Case(
+        "conv_5x4_stride2_asymmetric_pads_phases",
+        (2, 11, 12),
+        (node("Conv", ["x", "k54/w"], strides=[2, 2], pads=[1, 2, 2, 0]),),
+        {"k54/w": w(4, 2, 5, 4, scale=0.3)},
+    ),
+    Case(
+        "conv_5x5_stride3_phases",
+        (2, 13, 14),
+        (node("Conv", ["x", "k5/w"], strides=[3, 3], pads=[2, 2, 1, 0]),),
+        {"k5/w": w(3, 2, 5, 5, scale=0.3)},
+    ),
+    Case(
+        "conv_same_upper_7x7_phases",
+        (3, 9, 10),
+        (node("Conv", ["x", "k7/w"], strides=[2, 2], auto_pad="SAME_UPPER"),),
+        {"k7/w": w(5, 3, 7, 7, scale=0.2)},
+    ),
+]
+
 CASES = [
     # Conv: pads, strides with a remainder, groups, dilations, auto_pad, 1-D, computed kernels
     Case(
@@ -301,31 +330,7 @@ CASES = [
         (node("Conv", ["x", "k1/w"], pads=[2, 0, 0, 2]),),
         {"k1/w": w(2, 3, 1, 1)},
     ),
-    # strided kernels of at least stride + 2 go by phases (a stride-1 Conv and DepthToSpace)
-    Case(
-        "conv_7x7_stride2_phases",
-        (3, 15, 14),
-        (node("Conv", ["x", "k7/w", "k7/b"], strides=[2, 2], pads=[3, 3, 3, 3]),),
-        {"k7/w": w(5, 3, 7, 7, scale=0.2), "k7/b": w(5)},
-    ),
-    Case(
-        "conv_5x4_stride2_asymmetric_pads_phases",
-        (2, 11, 12),
-        (node("Conv", ["x", "k54/w"], strides=[2, 2], pads=[1, 2, 2, 0]),),
-        {"k54/w": w(4, 2, 5, 4, scale=0.3)},
-    ),
-    Case(
-        "conv_5x5_stride3_phases",
-        (2, 13, 14),
-        (node("Conv", ["x", "k5/w"], strides=[3, 3], pads=[2, 2, 1, 0]),),
-        {"k5/w": w(3, 2, 5, 5, scale=0.3)},
-    ),
-    Case(
-        "conv_same_upper_7x7_phases",
-        (3, 9, 10),
-        (node("Conv", ["x", "k7/w"], strides=[2, 2], auto_pad="SAME_UPPER"),),
-        {"k7/w": w(5, 3, 7, 7, scale=0.2)},
-    ),
+    *PHASE_CASES,
     Case(
         "conv_1x1_stride2",
         IMAGE,
@@ -510,10 +515,11 @@ CASES = [
         (3, 6, 6),
         (node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),),
     ),
-    # from opset 18 MaxPool's gradient takes the windows' taps and Col2Im instead of Indices
+    # from opset 18 MaxPool's gradient takes the windows' taps and Col2Im instead of Indices,
+    # and the phases of a strided Conv's gradient are interleaved by Col2Im
     *(
         Case(f"{case.name}_opset18", case.shape, case.nodes, case.weights, opset=18)
-        for case in MAX_POOL_CASES
+        for case in (*MAX_POOL_CASES, *PHASE_CASES)
     ),
     Case(
         "max_pool_dilated_asymmetric_opset18",

@@ -24,6 +24,8 @@ from engines.graphs.context import (
     reshape_like,
 )
 
+COL2IM_OPSET = 18
+
 
 @dataclass(frozen=True)
 class Window:
@@ -156,8 +158,19 @@ def _phase_conv(ctx: NodeGrad, weight: Array, axes: Sequence[Window]) -> str:
         kernel_shape=taps,
         pads=[t - 1 for t in taps] + list(taps),
     )
-    image = ctx.op("DepthToSpace", [phases], blocksize=stride, mode="CRD")
     emit = ctx.emit
+    if ctx.info.opset >= COL2IM_OPSET:
+        # Col2Im of non-overlapping blocks is DepthToSpace, and ~8x faster in onnxruntime
+        # (0.04 against 0.34 ms for densenet's stem gradient, [1, 12, 112, 112]).
+        columns = ctx.op("Reshape", [phases, emit.ints([0, c_in * stride * stride, -1])])
+        sides = [stride * (a.out + t) for a, t in zip(axes, taps, strict=True)]
+        image = ctx.op(
+            "Col2Im",
+            [columns, emit.ints(sides), emit.ints([stride, stride])],
+            strides=[stride, stride],
+        )
+    else:
+        image = ctx.op("DepthToSpace", [phases], blocksize=stride, mode="CRD")
     starts = emit.ints([a.begin for a in axes])
     ends = emit.ints([a.begin + a.size for a in axes])
     return ctx.op("Slice", [image, starts, ends, emit.ints([2, 3])])
@@ -318,9 +331,6 @@ def average_pool(ctx: NodeGrad) -> Grads:
     return first_input_grad(ctx, _per_channel_transpose(ctx, scaled, channels, axes, kernels, ends))
 
 
-COL2IM_OPSET = 18
-
-
 def max_pool(ctx: NodeGrad) -> Grads:
     """Each window's gradient goes to the position its maximum came from (the first of ties)."""
     two_d = len(ctx.static_dims(ctx.node.input[0])) == 4
@@ -345,8 +355,10 @@ def _max_pool_by_patches(ctx: NodeGrad) -> Grads:
     taps = math.prod(kernels)
     ends = [max((a.out - 1) * a.stride + a.span - a.begin - a.size, 0) for a in axes]
     emit = ctx.emit
-    pads = emit.ints([0, 0, *(a.begin for a in axes), 0, 0, *ends])
-    padded = ctx.op("Pad", [x, pads, emit.scalar(-FLT_MAX)])
+    padded = x
+    if any(a.begin for a in axes) or any(ends):
+        pads = emit.ints([0, 0, *(a.begin for a in axes), 0, 0, *ends])
+        padded = ctx.op("Pad", [x, pads, emit.scalar(-FLT_MAX)])
     one_hot = np.broadcast_to(
         np.eye(taps, dtype=np.float32).reshape(1, taps, 1, *kernels), (channels, taps, 1, *kernels)
     )
