@@ -256,26 +256,9 @@ PHASE_CASES = [
     ),
 ]
 
-CASES = [
-    # Conv: pads, strides with a remainder, groups, dilations, auto_pad, 1-D, computed kernels
-    Case(
-        "conv",
-        IMAGE,
-        (node("Conv", ["x", "conv/w", "conv/b"], pads=[1, 1, 1, 1]),),
-        {**CONV, "conv/b": w(4)},
-    ),
-    Case(
-        "conv_stride2_asymmetric_pads",
-        IMAGE,
-        (node("Conv", ["x", "conv/w"], strides=[2, 2], pads=[0, 1, 1, 0]),),
-        CONV,
-    ),
-    Case(
-        "conv_groups_dilation",
-        (4, 8, 8),
-        (node("Conv", ["x", "g/w"], group=2, dilations=[2, 2], pads=[2, 1, 2, 1]),),
-        {"g/w": w(6, 2, 3, 3)},
-    ),
+# Strided grouped kernels spread the gradient out with zeros: by Col2Im from opset 18, by a
+# single-channel ConvTranspose before.
+SPREAD_CASES = [
     Case(
         "conv_depthwise_stride2",
         (4, 7, 7),
@@ -306,6 +289,29 @@ CASES = [
         (node("Conv", ["x", "dw/w"], group=4, strides=[3, 2], pads=[2, 1, 2, 2]),),
         {"dw/w": w(4, 1, 5, 5)},
     ),
+]
+
+CASES = [
+    # Conv: pads, strides with a remainder, groups, dilations, auto_pad, 1-D, computed kernels
+    Case(
+        "conv",
+        IMAGE,
+        (node("Conv", ["x", "conv/w", "conv/b"], pads=[1, 1, 1, 1]),),
+        {**CONV, "conv/b": w(4)},
+    ),
+    Case(
+        "conv_stride2_asymmetric_pads",
+        IMAGE,
+        (node("Conv", ["x", "conv/w"], strides=[2, 2], pads=[0, 1, 1, 0]),),
+        CONV,
+    ),
+    Case(
+        "conv_groups_dilation",
+        (4, 8, 8),
+        (node("Conv", ["x", "g/w"], group=2, dilations=[2, 2], pads=[2, 1, 2, 1]),),
+        {"g/w": w(6, 2, 3, 3)},
+    ),
+    *SPREAD_CASES,
     Case(
         "conv_same_upper",
         IMAGE,
@@ -516,10 +522,10 @@ CASES = [
         (node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),),
     ),
     # from opset 18 MaxPool's gradient takes the windows' taps and Col2Im instead of Indices,
-    # and the phases of a strided Conv's gradient are interleaved by Col2Im
+    # and strided Convs' gradients are interleaved or spread out by Col2Im
     *(
         Case(f"{case.name}_opset18", case.shape, case.nodes, case.weights, opset=18)
-        for case in (*MAX_POOL_CASES, *PHASE_CASES)
+        for case in (*MAX_POOL_CASES, *PHASE_CASES, *SPREAD_CASES)
     ),
     Case(
         "max_pool_dilated_asymmetric_opset18",
