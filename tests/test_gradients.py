@@ -220,6 +220,17 @@ MAX_POOL_CASES = [
         (3, 6, 6),
         (node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),),
     ),
+    # stride 1: routed along rows, then along columns (2k taps instead of k*k)
+    Case(
+        "max_pool_3x3_stride1_padded",
+        IMAGE,
+        (node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]),),
+    ),
+    Case(
+        "max_pool_5x5_stride1",
+        (2, 8, 7),
+        (node("MaxPool", ["x"], kernel_shape=[5, 5], pads=[2, 2, 2, 2]),),
+    ),
     Case(
         "max_pool_with_indices",
         IMAGE,
@@ -863,7 +874,9 @@ def test_a_clip_whose_value_is_returned_keeps_its_bounds() -> None:
     assert_close(outputs["grad_input"], numeric_gradient(model, x, seeds))
 
 
-@pytest.mark.parametrize("case", MAX_POOL_CASES[:3], ids=str)
+@pytest.mark.parametrize(
+    "case", [c for c in MAX_POOL_CASES if c.name != "max_pool_with_indices"], ids=str
+)
 def test_max_pool_ties_go_to_the_first_maximum_as_indices_say(case: Case) -> None:
     """On integer inputs most windows tie; both rules give each window's gradient to its
     first maximum (MaxPool's Indices below opset 18, the taps and Col2Im from 18)."""

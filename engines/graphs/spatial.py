@@ -357,17 +357,60 @@ def max_pool(ctx: NodeGrad) -> Grads:
 def _max_pool_by_patches(ctx: NodeGrad) -> Grads:
     """Without MaxPool's Indices, whose kernel runs ~30x slower than the plain MaxPool.
 
+    A stride-1 k x k pool is two pools, 1 x k along the rows and then k x 1 along the
+    columns: the same maxima, and the first maximum in the window's row-major order is the
+    first in the topmost row holding it, which is where the two routings send the gradient.
+    That reads 2k taps per position instead of k*k.
+    """
+    x, y = ctx.node.input[0], ctx.node.output[0]
+    channels = ctx.static_dims(x)[1]
+    axes = windows(ctx, list(ctx.attr("kernel_shape", [])))
+    if not _separable(axes):
+        return first_input_grad(ctx, _route_to_maxima(ctx, x, y, ctx.grad, axes, channels))
+    rows, columns = axes
+    height = Window(rows.size, rows.size, 1, 1, 1, 0, 0)
+    along_rows = [height, columns]
+    ends = [_pool_end(a) for a in along_rows]
+    row_maxima = ctx.op(
+        "MaxPool",
+        [x],
+        kernel_shape=[1, columns.kernel],
+        strides=[1, columns.stride],
+        dilations=[1, columns.dilation],
+        pads=[0, columns.begin, 0, ends[1]],
+    )
+    along_columns = [rows, Window(columns.out, columns.out, 1, 1, 1, 0, 0)]
+    grad = _route_to_maxima(ctx, row_maxima, y, ctx.grad, along_columns, channels)
+    return first_input_grad(ctx, _route_to_maxima(ctx, x, row_maxima, grad, along_rows, channels))
+
+
+def _separable(axes: Sequence[Window]) -> bool:
+    """Whether routing row by row, then column by column, reads fewer taps than the window."""
+    if len(axes) != 2 or min(a.kernel for a in axes) < 2:
+        return False
+    rows, columns = axes
+    whole = rows.kernel * columns.kernel * rows.out * columns.out
+    return columns.kernel * rows.size * columns.out + rows.kernel * rows.out * columns.out < whole
+
+
+def _pool_end(axis: Window) -> int:
+    """The end pad that the last window reaches past the map (ceil mode), at least 0."""
+    return max((axis.out - 1) * axis.stride + axis.span - axis.begin - axis.size, 0)
+
+
+def _route_to_maxima(
+    ctx: NodeGrad, x: str, y: str, grad: str, axes: Sequence[Window], channels: int
+) -> str:
+    """The gradient of y = MaxPool(x) over windows `axes`: each window's to its first maximum.
+
     The windows' values come out as channels of a one-hot depthwise Conv of the input padded
     with -FLT_MAX ([N, C * k*k, OH, OW]); the first tap of each window equal to its maximum
     (an exclusive CumSum of the equality masks is 0 there) receives the window's gradient, and
     Col2Im adds the taps back onto the image.
     """
-    x, y = ctx.node.input[0], ctx.node.output[0]
-    channels = ctx.static_dims(x)[1]
-    kernels = list(ctx.attr("kernel_shape", []))
-    axes = windows(ctx, kernels)
+    kernels = [a.kernel for a in axes]
     taps = math.prod(kernels)
-    ends = [max((a.out - 1) * a.stride + a.span - a.begin - a.size, 0) for a in axes]
+    ends = [_pool_end(a) for a in axes]
     emit = ctx.emit
     padded = x
     if any(a.begin for a in axes) or any(ends):
@@ -393,16 +436,15 @@ def _max_pool_by_patches(ctx: NodeGrad) -> Grads:
     )
     earlier = ctx.op("CumSum", [equal, emit.const(np.array(2, np.int64), "axis")], exclusive=1)
     first = ctx.op("Relu", [ctx.op("Sub", [equal, earlier])])
-    routed = ctx.op("Mul", [first, ctx.op("Unsqueeze", [ctx.grad, emit.ints([2])])])
+    routed = ctx.op("Mul", [first, ctx.op("Unsqueeze", [grad, emit.ints([2])])])
     columns = ctx.op("Reshape", [routed, emit.ints([0, channels * taps, -1])])
-    grad = ctx.op(
+    return ctx.op(
         "Col2Im",
         [columns, emit.ints([a.size for a in axes]), emit.ints(kernels)],
         strides=[a.stride for a in axes],
         dilations=[a.dilation for a in axes],
         pads=[*(a.begin for a in axes), *ends],
     )
-    return first_input_grad(ctx, grad)
 
 
 def _max_pool_by_indices(ctx: NodeGrad) -> Grads:
