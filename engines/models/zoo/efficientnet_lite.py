@@ -24,9 +24,9 @@ Array = npt.NDArray[Any]
 IMAGE_SIZE = 224
 NUM_CLASSES = 1000
 BN_EPS = 1e-3
-OPSET = 17
+OPSET = 18
 BN_PARAMETERS = ("weight", "bias", "running_mean", "running_var")
-IR_VERSION = 8  # what ONNX 1.12 (opset 17) wrote; every onnxruntime since 1.12 loads it
+IR_VERSION = 8  # what ONNX 1.13 (opset 18) wrote; every onnxruntime since 1.14 loads it
 
 
 @dataclass(frozen=True)
