@@ -519,6 +519,47 @@ def test_a_model_whose_input_disagrees_with_its_config_is_refused_at_load(
         LoadedModel("m", folder, CPU)
 
 
+@pytest.mark.parametrize("with_default", [False, True])
+def test_an_input_besides_the_image_is_refused_at_load_unless_an_initializer_backs_it(
+    tmp_path: Path, with_default: bool
+) -> None:
+    """As Keras 3's TensorFlow-backend export writes a Normalization layer: its mean is a graph
+    input. Without an initializer behind it every run would fail, so the model must not load;
+    with one (an overridable initializer) it is a constant and the model serves."""
+    from engines.errors import InvalidModel
+    from engines.models.loaded import LoadedModel
+    from tests.conftest import CPU
+
+    dims = ["N", 3, SIZE, SIZE]
+    features = 3 * SIZE * SIZE
+    weights = np.random.default_rng(0).normal(size=(3, features)).astype(np.float32)
+    shift = np.array([0.25, -0.5, 1.0], np.float32).reshape(1, 3, 1, 1)
+    nodes = [
+        helper.make_node("Sub", ["x", "shift"], ["centred"]),
+        helper.make_node("Flatten", ["centred"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1),
+    ]
+    folder = _save(tmp_path / "m", nodes, {"shift": shift, "fc": weights}, dims, ["N", 3])
+    model = onnx.load(str(folder / "model.onnx"))
+    model.graph.input.append(helper.make_tensor_value_info("shift", TensorProto.FLOAT, shift.shape))
+    if not with_default:
+        kept = [i for i in model.graph.initializer if i.name != "shift"]
+        model.graph.ClearField("initializer")
+        model.graph.initializer.extend(kept)
+    onnx.save(model, str(folder / "model.onnx"))
+
+    if not with_default:
+        with pytest.raises(
+            InvalidModel, match=r"besides the image 'x' that nothing feeds: 'shift'"
+        ):
+            LoadedModel("m", folder, CPU)
+        return
+    loaded = LoadedModel("m", folder, CPU)
+    image = np.random.default_rng(1).random((1, 3, SIZE, SIZE)).astype(np.float32)
+    expected = (image - shift).reshape(1, -1) @ weights.T
+    np.testing.assert_allclose(loaded.forward(image), expected, rtol=1e-5, atol=1e-5)
+
+
 # --- the support table -----------------------------------------------------------------------
 
 

@@ -92,6 +92,29 @@ def _first_output(model: onnx.ModelProto) -> str:
     return str(model.graph.output[0].name)
 
 
+def _shown_dims(value: onnx.ValueInfoProto) -> str:
+    dims = value.type.tensor_type.shape.dim
+    shown = [str(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in dims]
+    return f"[{', '.join(shown)}]"
+
+
+def _check_nothing_else_to_feed(model: onnx.ModelProto, name: str) -> None:
+    """The service feeds the image and nothing else: an input without an initializer to fall
+    back on would fail every run."""
+    initializers = {i.name for i in model.graph.initializer}
+    others = [i for i in model.graph.input if i.name != name and i.name not in initializers]
+    if not others:
+        return
+    shown = ", ".join(f"{i.name!r} {_shown_dims(i)}" for i in others[:4])
+    raise InvalidModel(
+        f"the model has {len(others)} input(s) besides the image {name!r} that nothing feeds: "
+        f"{shown}{', ...' if len(others) > 4 else ''}. Only the image is fed; constants must be "
+        "initializers (Keras 3's export on the TensorFlow backend leaves a Normalization "
+        "layer's mean and variance as inputs: export with tf2onnx.convert.from_keras or the "
+        "torch backend)"
+    )
+
+
 def _check_input_against_config(model: onnx.ModelProto, name: str, config: ModelConfig) -> None:
     """The model input's fixed dims must be the ones config.json feeds it."""
     spec = config.input
@@ -168,6 +191,7 @@ class LoadedModel:
         self.input_name = self.config.input.name or _first_input(original)
         self.output_name = self.config.output_name or _first_output(original)
         _check_input_against_config(original, self.input_name, self.config)
+        _check_nothing_else_to_feed(original, self.input_name)
         try:
             normalized = self._normalized(original, model_path)
             graph_bytes = normalized.model.SerializeToString()
