@@ -15,6 +15,11 @@ CHROMIUM ?= /usr/bin/chromium
 ZOO_VENV := .venv-zoo
 ZOO_BIN := $(ZOO_VENV)/bin
 ZOO_REQUIREMENTS := tests/zoo/requirements.txt
+# tf2onnx (tests/zoo/tf2onnx_export.py) converts the zoo's Keras models as TensorFlow users
+# export them, in a venv of its own: tensorflow-cpu and torch pin different helpers.
+TF_VENV := .venv-tf
+TF_BIN := $(TF_VENV)/bin
+TF_REQUIREMENTS := tests/zoo/requirements-tf.txt
 # The Label Studio tests (tests/test_labelstudio.py) start a real Label Studio (and use its SDK)
 # from a venv of its own: it pins many dependencies of its own (Django, numpy, pandas, ...).
 LS_VENV := .venv-labelstudio
@@ -25,7 +30,7 @@ KSERVE_VENV := .venv-kserve
 KSERVE_BIN := $(KSERVE_VENV)/bin
 KSERVE_VERSION := 0.21.0
 
-.PHONY: serve test lint typecheck unit browser model clean $(ZOO_VENV) $(LS_VENV) $(KSERVE_VENV)
+.PHONY: serve test lint typecheck unit browser model clean $(ZOO_VENV) $(TF_VENV) $(LS_VENV) $(KSERVE_VENV)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +87,14 @@ $(ZOO_VENV)/.installed: $(ZOO_REQUIREMENTS)
 
 $(ZOO_VENV): $(ZOO_VENV)/.installed
 
+$(TF_VENV)/.installed: $(TF_REQUIREMENTS)
+	$(PYTHON) -m venv $(TF_VENV)
+	$(TF_BIN)/python -m pip install --quiet --upgrade pip
+	$(TF_BIN)/pip install --quiet --no-deps -r $(TF_REQUIREMENTS)
+	touch $@
+
+$(TF_VENV): $(TF_VENV)/.installed
+
 $(LS_VENV)/.installed-$(LS_VERSION):
 	$(PYTHON) -m venv $(LS_VENV)
 	$(LS_BIN)/python -m pip install --quiet --upgrade pip
@@ -98,12 +111,13 @@ $(KSERVE_VENV)/.installed-$(KSERVE_VERSION):
 
 $(KSERVE_VENV): $(KSERVE_VENV)/.installed-$(KSERVE_VERSION)
 
-unit: $(VENV)/.installed-dev browser $(ZOO_VENV) $(LS_VENV) $(KSERVE_VENV)
+unit: $(VENV)/.installed-dev browser $(ZOO_VENV) $(TF_VENV) $(LS_VENV) $(KSERVE_VENV)
 	ONNX_EXPLAIN_ZOO_PYTHON=$(abspath $(ZOO_BIN)/python) \
+	ONNX_EXPLAIN_TF_PYTHON=$(abspath $(TF_BIN)/python) \
 	ONNX_EXPLAIN_LABEL_STUDIO_PYTHON=$(abspath $(LS_BIN)/python) \
 	ONNX_EXPLAIN_KSERVE_PYTHON=$(abspath $(KSERVE_BIN)/python) $(BIN)/pytest
 
 test: lint typecheck unit
 
 clean:
-	rm -rf $(VENV) $(ZOO_VENV) $(LS_VENV) $(KSERVE_VENV) $(MODELS) cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(ZOO_VENV) $(TF_VENV) $(LS_VENV) $(KSERVE_VENV) $(MODELS) cache .mypy_cache .ruff_cache .pytest_cache

@@ -70,6 +70,7 @@ _LISTED = [
     "timm-resnet10t-dynamo-free-hw",
     "keras-small-cnn",
     "keras-mobilenet_v2",
+    "keras-mobilenet_v2-tf2onnx",
 ]
 # A prebuilt folder is checked whole, whatever it holds (e.g. `export.py OUT --extra`).
 EXPORTS = (

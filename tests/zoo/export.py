@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -774,6 +775,12 @@ def keras_cases() -> list[tuple[Export, Callable[[], Any]]]:
             Export("keras-mobilenet_v2", "keras-mobilenet_v2", "keras"),
             lambda: apps.MobileNetV2(alpha=0.35, classifier_activation=None, **common),
         ),
+        # The same network as TensorFlow users export it (tf2onnx_export.py): NHWC Transposes
+        # folded around the Convs by tf2onnx's optimizer, its own Pad and Reshape forms.
+        (
+            Export("keras-mobilenet_v2-tf2onnx", "keras-mobilenet_v2", "tf2onnx"),
+            lambda: apps.MobileNetV2(alpha=0.35, classifier_activation=None, **common),
+        ),
         # keras.applications.ResNet50 takes ~11-16 s to export and ~20 s for its references on
         # 2 cores: the small CNN above stands in for it (plain Conv/BN/ReLU in Keras' layout).
         # keras.applications.ConvNeXtTiny does not export with the torch backend (keras 3.15:
@@ -819,6 +826,33 @@ def keras_wider_cases() -> list[tuple[Export, Callable[[], Any]]]:
         "resnet50": lambda: apps.ResNet50(classifier_activation=None, **common),
     }
     return [(Export(f"keras-{n}", f"keras-{n}", "keras"), b) for n, b in builds.items()]
+
+
+TF_PYTHON = os.environ.get("ONNX_EXPLAIN_TF_PYTHON", "")
+TF2ONNX_SCRIPT = Path(__file__).parent / "tf2onnx_export.py"
+
+
+def export_tf2onnx(model: Any, path: Path) -> None:
+    """Save the model (Keras' own format: architecture and weights) and convert it with
+    tf2onnx in the TensorFlow venv, where it loads on the TensorFlow backend."""
+    if not TF_PYTHON:
+        raise RuntimeError("ONNX_EXPLAIN_TF_PYTHON is unset (make .venv-tf; `make unit` sets it)")
+    saved = path.with_name("model.keras")
+    model.save(str(saved))
+    try:
+        done = subprocess.run(
+            [TF_PYTHON, str(TF2ONNX_SCRIPT), str(saved), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        saved.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"tf2onnx_export.py exited with {done.returncode}: {done.stderr[-3000:]}"
+        )
 
 
 def keras_forward(model: Any) -> Forward:
@@ -968,14 +1002,19 @@ def main(argv: list[str] | None = None) -> int:
         if not wanted(export.name):
             continue
 
-        def make_keras(path: Path, build: Callable[[], Any] = build) -> Forward:
+        def make_keras(
+            path: Path, build: Callable[[], Any] = build, exporter: str = export.exporter
+        ) -> Forward:
             import keras
 
             keras.utils.set_random_seed(0)
             model = build()
             calibrate_keras(model)
-            with _quiet():
-                model.export(str(path), format="onnx", verbose=False)
+            if exporter == "tf2onnx":
+                export_tf2onnx(model, path)
+            else:
+                with _quiet():
+                    model.export(str(path), format="onnx", verbose=False)
             return keras_forward(model)
 
         manifest[export.name] = run_case(root, export, image, make_keras, not args.no_references)
