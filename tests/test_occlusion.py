@@ -212,3 +212,29 @@ def test_occlusion_jobs_wait_for_a_slot_within_their_deadline(region_model: Load
     worker.join()
     expected = occlude(region_model, image, WorkLimits(concurrent_jobs=3), **params)
     np.testing.assert_array_equal(finished[0][0].heatmap, expected[0].heatmap)
+
+
+def test_a_confident_class_s_probability_drops_are_resolved(tmp_path: Path) -> None:
+    # A white image gives the region's class a logit of 30: p = 1 - 9e-14, which float32 holds
+    # as 1, so its drops would all read 0. Each 2x2 window covering c pixels of the 30-pixel
+    # region lowers the logit to 30 - c.
+    folder = write_model_folder(
+        tmp_path / "confident", "region_mean", scale=30 / 255, labels=("region", "nothing")
+    )
+    model = LoadedModel("confident", folder, CPU)
+    (result,) = occlude(
+        model, solid((255, 255, 255), 16, 16), WorkLimits(), window=2, stride=2, value=0
+    )
+    covered = np.zeros((16, 16))
+    for top in range(0, 16, 2):
+        for left in range(0, 16, 2):
+            count = region_indicator()[top : top + 2, left : left + 2].sum()
+            covered[top : top + 2, left : left + 2] = count
+
+    def sigmoid(logit: np.ndarray) -> np.ndarray:
+        result: np.ndarray = 1 / (1 + np.exp(-logit))
+        return result
+
+    expected = sigmoid(np.array(30.0)) - sigmoid(30 - covered)
+    assert expected.max() > 0
+    np.testing.assert_allclose(result.heatmap, expected, rtol=1e-4, atol=1e-20)

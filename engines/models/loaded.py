@@ -51,6 +51,9 @@ def file_sha256(path: Path) -> str:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """In float64: a confident class's probability is 1 - 1e-9 and more, which float32 rounds
+    to 1, so every drop in it (occlusion, deletion curves, RISE) would read 0."""
+    logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     result: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
