@@ -206,15 +206,18 @@ class UpsampleCnn(nn.Module):  # type: ignore[misc]
         self.fc = nn.Linear(32, CLASSES)
 
     def features(self, x: Tensor) -> Tensor:
-        x = self.stem(x)  # 16x16
-        small = self.down(x)  # 8x8
+        x = self.stem(x)  # SIZE / 4 (16x16 at 64 px)
+        small = self.down(x)  # SIZE / 8
         bilinear = functional.interpolate(
             small, scale_factor=2.0, mode="bilinear", align_corners=False
         )
-        corners = functional.interpolate(small, size=(16, 16), mode="bilinear", align_corners=True)
+        side = SIZE // 4
+        corners = functional.interpolate(
+            small, size=(side, side), mode="bilinear", align_corners=True
+        )
         nearest = nn.functional.interpolate(small, scale_factor=2.0, mode="nearest")
         out: Tensor = self.last(self.mix(torch.cat([x, bilinear, corners, nearest], dim=1)))
-        return out  # 4x4
+        return out  # SIZE / 16
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.fc(torch.flatten(functional.adaptive_avg_pool2d(self.features(x), 1), 1))
