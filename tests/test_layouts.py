@@ -530,3 +530,41 @@ def test_a_map_reshaped_back_after_group_norm_keeps_its_layout(
     assert "normed" not in layouts
     assert layouts.get("act") == expected
     assert layouts.get("map") == expected
+
+
+@pytest.mark.parametrize(
+    ("padding", "expected"),
+    [("window", ["conv"]), ("border", ["conv", "conv2"])],
+)
+def test_maps_padded_past_the_image_are_not_layers(padding: str, expected: list[str]) -> None:
+    """Window attention pads a map smaller than its window (EfficientViT-M's last stage at 64
+    px: 1x1 padded to 4x4) and slices it back: the padded maps reach past the image and were
+    Grad-CAM's default. A Keras border Pad is not a layer either; the Conv after it is."""
+    rng = np.random.default_rng(0)
+    arrays: dict[str, np.ndarray] = {
+        "w1": rng.normal(size=(CHANNELS, 3, 2, 2)).astype(np.float32),
+        "w2": rng.normal(size=(CHANNELS, CHANNELS, 4, 4)).astype(np.float32),
+        "w3": rng.normal(size=(CHANNELS, CHANNELS, 3, 3)).astype(np.float32),
+        "to_window": np.array([0, 0, 0, 0, 0, 0, 3, 3], np.int64),
+        "border": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+        "starts": np.array([0, 0], np.int64),
+        "ends": np.array([1, 1], np.int64),
+        "axes": np.array([2, 3], np.int64),
+    }
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["conv"], strides=[2, 2])]  # 4x4
+    if padding == "window":
+        nodes += [
+            helper.make_node("Conv", ["conv", "w2"], ["squeezed"], strides=[4, 4]),  # 1x1
+            helper.make_node("Pad", ["squeezed", "to_window"], ["window"]),  # 4x4
+            helper.make_node("Relu", ["window"], ["attended"]),
+            helper.make_node("Slice", ["attended", "starts", "ends", "axes"], ["unpadded"]),
+            helper.make_node("GlobalAveragePool", ["unpadded"], ["pooled"]),
+        ]
+    else:
+        nodes += [
+            helper.make_node("Pad", ["conv", "border"], ["bordered"]),  # 6x6
+            helper.make_node("Conv", ["bordered", "w3"], ["conv2"]),  # 4x4
+            helper.make_node("GlobalAveragePool", ["conv2"], ["pooled"]),
+        ]
+    model_layers = _layers_of(nodes, arrays, opset=18)
+    assert [layer.name for layer in model_layers] == expected

@@ -206,6 +206,10 @@ def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
     # Tensors of another rank whose elements sit where they sat in a 4-D map of known layout
     # and shape: GroupNorm exports reshape to [N, G, -1], normalise, and reshape back.
     unflattened: dict[str, tuple[Layout, tuple[int | str, ...]]] = {}
+    # Tensors computed from a map a Pad enlarged, and that map's extent before it: a padded
+    # border or window reaches past the image (window attention pads a 1x1 map to its 4x4
+    # window), so until the extent is back within the original it is no layer to explain.
+    padded: dict[str, tuple[int | str, ...]] = {}
     # Valid ONNX graphs are topologically sorted: each node's inputs are known before it.
     for node in graph.node:
         if node.op_type == "Constant":
@@ -213,6 +217,14 @@ def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
             continue
         layout = _output_layout(node, layouts, ranks, constants)
         source = node.input[0] if node.input else ""
+        before_pad = next((padded[name] for name in node.input if name in padded), ())
+        if not before_pad and node.op_type == "Pad" and source in layouts:
+            before_pad = _extent(shapes.get(source), layouts[source])
+        if before_pad:
+            for output in node.output:
+                reach = _extent(shapes.get(output), layout)
+                if output not in integer and _beyond(reach, before_pad):
+                    padded[output] = before_pad
         if node.op_type == "Reshape" and source in layouts and source in shapes:
             unflattened[node.output[0]] = (layouts[source], shapes[source])
         elif source in unflattened and _keeps_positions(node, constants):
@@ -229,9 +241,26 @@ def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
             layouts[output] = layout
             info = LayerInfo(output, node.op_type, shape, layout)
             extent = [shape[a] for a in info.spatial_axes]
-            if all(isinstance(d, int) and d > 1 for d in extent) and output not in integer:
+            listable = output not in integer and output not in padded
+            if all(isinstance(d, int) and d > 1 for d in extent) and listable:
                 layers.append(info)
     return layers
+
+
+def _extent(shape: tuple[int | str, ...] | None, layout: Layout | None) -> tuple[int | str, ...]:
+    """A 4-D map's (height, width); () when its shape or layout is not known."""
+    if shape is None or layout is None or len(shape) != 4:
+        return ()
+    return tuple(shape[axis] for axis in spatial_axes(layout))
+
+
+def _beyond(extent: tuple[int | str, ...], origin: tuple[int | str, ...]) -> bool:
+    """Whether a tensor downstream of a Pad still reaches past the map it padded: unknown
+    (another rank, as windows reshaped for attention) counts as still padded."""
+    if not extent or not origin:
+        return True
+    pairs = zip(extent, origin, strict=True)
+    return any(not isinstance(e, int) or not isinstance(o, int) or e > o for e, o in pairs)
 
 
 # Ops between a classifying Conv and the global pooling that leave its channels class scores.
