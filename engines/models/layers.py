@@ -240,7 +240,7 @@ def spatial_layers(model: onnx.ModelProto, spec: InputSpec) -> list[LayerInfo]:
                 continue  # only known 4-D tensors carry a layout onwards
             layouts[output] = layout
             info = LayerInfo(output, node.op_type, shape, layout)
-            extent = [shape[a] for a in info.spatial_axes]
+            extent = _extent(shape, layout)
             listable = output not in integer and output not in padded
             if all(isinstance(d, int) and d > 1 for d in extent) and listable:
                 layers.append(info)
